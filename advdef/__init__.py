@@ -1,0 +1,12 @@
+"""advdef: adversarial defenses (SAP, ANP-VS, JumpReLU, RSE) and their honest evaluation in JAX/Flax.
+
+Importing the package has no side effects: it does not touch jax.config or devices.
+"""
+
+__version__ = "0.1.0"
+
+
+def load_run(workdir):
+  """Loads a finished or in-progress run for notebook use; see advdef.runs.load_run."""
+  from advdef import runs  # Imported lazily so `import advdef` stays cheap.
+  return runs.load_run(workdir)
