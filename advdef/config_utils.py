@@ -1,0 +1,176 @@
+"""Config helpers: argument strings, component specs and validation before any compute.
+
+Configs hold only primitives (big_vision style). Components that take hyperparameters are
+written as spec strings, `name` or `name(key=value, ...)`, stacked with `+`:
+
+  'none'   'sap(frac=0.5)'   'rse(sigma_init=0.2, sigma_inner=0.1) + jump(kappa=0.5)'
+  'pgd(steps=40, restarts=1, loss=ce)'
+
+Values are Python literals; a bare word is a string (`loss=ce`).
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from typing import Any
+
+import ml_collections
+
+_SPEC_RE = re.compile(r'^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$', re.S)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses a config argument string 'smoke,epochs=3' against typed defaults.
+
+  A bare word sets a bool default to True. Unknown keys raise, listing the valid ones.
+  """
+  result = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return result
+  for part in arg.split(','):
+    part = part.strip()
+    if not part:
+      continue
+    key, _, value = part.partition('=')
+    if key not in defaults:
+      raise ValueError(f'config argument {key!r} is unknown; valid: {", ".join(defaults)}')
+    default = defaults[key]
+    if not _:
+      if not isinstance(default, bool):
+        raise ValueError(f'config argument {key!r} needs a value ({key}=...)')
+      result[key] = True
+    elif isinstance(default, bool):
+      result[key] = value.lower() in ('1', 'true', 'yes', 'y')
+    else:
+      result[key] = type(default)(value) if default is not None else value
+  return result
+
+
+def _literal(text: str) -> Any:
+  text = text.strip()
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if re.fullmatch(r'[A-Za-z_][A-Za-z0-9_.*/\-]*', text):
+      return text  # A bare word is a string: loss=ce, sites=stage1*.
+    raise ValueError(f'cannot parse value {text!r}') from None
+
+
+def _split_top_level(text: str, sep: str) -> list[str]:
+  parts, depth, current = [], 0, []
+  for ch in text:
+    if ch in '([{':
+      depth += 1
+    elif ch in ')]}':
+      depth -= 1
+    if ch == sep and depth == 0:
+      parts.append(''.join(current))
+      current = []
+    else:
+      current.append(ch)
+  parts.append(''.join(current))
+  return parts
+
+
+def parse_spec(spec: str, *, field: str = 'spec') -> list[tuple[str, dict[str, Any]]]:
+  """Parses 'a(x=1) + b' into [('a', {'x': 1}), ('b', {})].
+
+  Raises:
+    ValueError naming `field` when the text is malformed.
+  """
+  if not isinstance(spec, str) or not spec.strip():
+    raise ValueError(f'{field}={spec!r}: expected a spec string such as "name(key=value)"')
+  out = []
+  for part in _split_top_level(spec, '+'):
+    m = _SPEC_RE.match(part)
+    if not m:
+      raise ValueError(f'{field}={spec!r}: cannot parse {part.strip()!r}; expected '
+                       '"name" or "name(key=value, ...)"')
+    name, args = m.group(1), m.group(2)
+    kwargs = {}
+    if args and args.strip():
+      for item in _split_top_level(args, ','):
+        if not item.strip():
+          continue
+        key, eq, value = item.partition('=')
+        if not eq or not key.strip().isidentifier():
+          raise ValueError(f'{field}={spec!r}: argument {item.strip()!r} must be key=value')
+        try:
+          kwargs[key.strip()] = _literal(value)
+        except ValueError as e:
+          raise ValueError(f'{field}={spec!r}: {e}') from None
+    out.append((name, kwargs))
+  return out
+
+
+def spec_name(spec: str) -> str:
+  """A compact display name for a spec: whitespace removed."""
+  return re.sub(r'\s+', '', spec)
+
+
+def check_choice(field: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f'{field}={value!r} is not valid; valid choices: {", ".join(map(str, choices))}')
+
+
+def check_positive(field: str, value, *, allow_zero=False, integer=False) -> None:
+  ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+  if isinstance(value, bool) or not ok_type:
+    kind = 'an integer' if integer else 'a number'
+    raise ValueError(f'{field}={value!r} must be {kind}')
+  if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    bound = '>= 0' if allow_zero else '> 0'
+    raise ValueError(f'{field}={value!r} must be finite and {bound}')
+
+
+def check_probability(field: str, value) -> None:
+  if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    raise ValueError(f'{field}={value!r} must be in [0, 1]')
+
+
+def to_dict(config) -> dict:
+  """ConfigDict -> plain nested dict of primitives (tuples become lists)."""
+  if isinstance(config, ml_collections.ConfigDict):
+    config = config.to_dict()
+  return _plain(config)
+
+
+def _plain(value):
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field an experiment reads, with defaults; configs/*.py override what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = dict(source='digits', name='digits', path='', data_dir='', download=True,
+                test_fraction=0.2, split_seed=0, num_train=0, num_test=0,
+                fake_shape=(8, 8, 1), fake_num_classes=10, fake_num_train=256, fake_num_test=64)
+  c.model = dict(name='small_cnn', normalize='dataset', kwargs=ml_collections.ConfigDict())
+  c.train = dict(
+      num_epochs=10, batch_size=128, optimizer='sgd', learning_rate=0.1, momentum=0.9,
+      nesterov=False, weight_decay=5e-4, schedule='cosine', boundaries=(), decay_factor=0.1,
+      warmup_epochs=0.0, label_smoothing=0.0, augment=dict(crop_padding=0, flip=False),
+      defense='none',           # a training-time defense spec, e.g. RSE's noise
+      checkpoint='',            # a trained run's workdir: skip training and evaluate it
+      checkpoint_every_epochs=1, keep_checkpoints=3, log_every_steps=50, eval_every_epochs=1)
+  c.eval = dict(
+      batch_size=256,
+      num_examples=0,           # 0 = the whole test split
+      defenses=('none',),
+      num_draws=100,            # Monte-Carlo draws for stochastic defenses (SAP used 100)
+      attacks=(),               # attack specs, see advdef.robustness
+      norm='linf',
+      epsilons=(),
+      adaptive=True,            # EOT for stochastic defenses, BPDA/transfer for JumpReLU
+      eot_samples=10,
+      num_attack_examples=0,    # 0 = same as num_examples
+      checks=True)
+  c.report = dict(plots=True, tensorboard=True)
+  return c

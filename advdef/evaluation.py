@@ -1,0 +1,145 @@
+"""Evaluation: exact clean metrics with calibration, Monte-Carlo inference for stochastic
+defenses, and (advdef.robustness) attack rows; results become report rows.
+
+Counts are exact: the last partial batch is padded and masked, never dropped. A stochastic
+defense is scored on fresh draws: the accuracy of the prediction averaged over
+`eval.num_draws` softmax draws, and the mean per-draw accuracy with a 95% interval.
+
+  rows = evaluate_clean_rows(config, model, variables, images, labels, key)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from advdef import config_utils
+from advdef import data as data_lib
+from advdef import defenses
+from advdef import retrofit
+
+NUM_ECE_BINS = 15
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> list[float]:
+  """95% Wilson score interval of a binomial proportion (good near 0 and 1)."""
+  if n == 0:
+    return [0.0, 1.0]
+  p = successes / n
+  denom = 1 + z * z / n
+  center = (p + z * z / (2 * n)) / denom
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+  return [max(0.0, center - half), min(1.0, center + half)]
+
+
+def calibration_sums(probs, labels, mask, num_bins=NUM_ECE_BINS):
+  """Masked sufficient statistics for accuracy, NLL, Brier and ECE of probs [B, K]."""
+  conf = jnp.max(probs, -1)
+  pred = jnp.argmax(probs, -1)
+  correct = (pred == labels) & mask
+  p_true = jnp.take_along_axis(probs, labels[:, None], -1)[:, 0]
+  nll = -jnp.log(jnp.maximum(p_true, 1e-12))
+  brier = jnp.sum((probs - jax.nn.one_hot(labels, probs.shape[-1])) ** 2, -1)
+  # Bin i holds confidences in (i/M, (i+1)/M]; confidence is >= 1/K > 0.
+  bins = jnp.clip(jnp.ceil(conf * num_bins).astype(jnp.int32) - 1, 0, num_bins - 1)
+  w = mask.astype(jnp.float32)
+  return {
+      'count': jnp.sum(w),
+      'correct': jnp.sum(correct),
+      'nll': jnp.sum(nll * w),
+      'brier': jnp.sum(brier * w),
+      'bin_count': jnp.zeros(num_bins).at[bins].add(w),
+      'bin_conf': jnp.zeros(num_bins).at[bins].add(conf * w),
+      'bin_correct': jnp.zeros(num_bins).at[bins].add(correct.astype(jnp.float32)),
+  }
+
+
+def finish_calibration(sums) -> dict[str, Any]:
+  """Masked sums -> accuracy, nll, brier, ece (15 bins) and reliability-diagram bins."""
+  sums = jax.device_get(sums)
+  n = float(sums['count'])
+  counts = np.asarray(sums['bin_count'])
+  nonzero = counts > 0
+  conf = np.where(nonzero, sums['bin_conf'] / np.maximum(counts, 1), 0.0)
+  acc = np.where(nonzero, sums['bin_correct'] / np.maximum(counts, 1), 0.0)
+  ece = float(np.sum(counts / n * np.abs(acc - conf)))
+  return {
+      'n': int(n), 'accuracy': float(sums['correct']) / n, 'nll': float(sums['nll']) / n,
+      'brier': float(sums['brier']) / n, 'ece': ece,
+      'calibration_bins': {'confidence': conf.tolist(), 'accuracy': acc.tolist(),
+                           'count': counts.astype(int).tolist()},
+  }
+
+
+def per_draw_summary(correct_per_draw: np.ndarray) -> dict[str, Any]:
+  """Mean per-draw accuracy and a 95% t-interval over draws. correct_per_draw: [D, N] bool."""
+  acc = np.mean(correct_per_draw, axis=1)
+  d = len(acc)
+  mean = float(np.mean(acc))
+  if d < 2:
+    return {'per_draw_accuracy': mean, 'per_draw_ci95': None, 'num_draws': d}
+  half = 1.96 * float(np.std(acc, ddof=1)) / math.sqrt(d)
+  return {'per_draw_accuracy': mean, 'per_draw_ci95': [mean - half, mean + half],
+          'num_draws': d}
+
+
+def make_predict_fn(logits_fn: Callable, *, stochastic: bool, num_draws: int,
+                    chunk_size: int | None = None) -> Callable:
+  """predict(x, key) -> (mean_probs [B, K], per_draw_probs [D, B, K]), jitted.
+
+  Deterministic models use one pass (D = 1); stochastic ones average num_draws softmaxes,
+  vectorized over keys inside one jit.
+  """
+  if not stochastic:
+    def predict(x, key):
+      probs = jax.nn.softmax(logits_fn(x, key))
+      return probs, probs[None]
+  else:
+    def predict(x, key):
+      return defenses.mc_probabilities(logits_fn, key, x, num_draws=num_draws,
+                                       chunk_size=chunk_size)
+  return jax.jit(predict)
+
+
+def score_predictions(predict, images, labels, batch_size, key, *, stochastic,
+                      x_override: Callable | None = None) -> dict[str, Any]:
+  """Runs predict over a split and returns the row fields (accuracy, ci95, calibration...).
+
+  x_override(batch_index, batch) -> x lets attacked inputs replace the clean ones.
+  """
+  sums, per_draw = None, []
+  for i, batch in enumerate(data_lib.eval_batches(images, labels, batch_size)):
+    x = batch['image'] if x_override is None else x_override(i, batch)
+    mean_probs, draw_probs = predict(x, jax.random.fold_in(key, i))
+    s = calibration_sums(mean_probs, batch['label'], batch['mask'])
+    sums = s if sums is None else jax.tree_util.tree_map(jnp.add, sums, s)
+    if stochastic:
+      correct = np.asarray(jnp.argmax(draw_probs, -1) == batch['label'][None])
+      per_draw.append(correct[:, np.asarray(batch['mask'])])
+  row = finish_calibration(sums)
+  row['ci95'] = wilson_interval(row['accuracy'] * row['n'], row['n'])
+  if stochastic:
+    row.update(per_draw_summary(np.concatenate(per_draw, axis=1)))
+  return row
+
+
+def evaluate_clean_rows(config, model, variables, images, labels, key) -> list[dict[str, Any]]:
+  """One clean row per defense in config.eval.defenses (with calibration)."""
+  rows = []
+  for d_index, spec in enumerate(config.eval.defenses):
+    t0 = time.time()
+    hook = retrofit.build_hook(spec, field=f'eval.defenses[{d_index}]')
+    stochastic = hook is not None and hook.stochastic
+    logits_fn = retrofit.make_logits_fn(model, variables, hook)
+    predict = make_predict_fn(logits_fn, stochastic=stochastic, num_draws=config.eval.num_draws)
+    row = score_predictions(predict, images, labels, config.eval.batch_size,
+                            jax.random.fold_in(key, d_index), stochastic=stochastic)
+    row.update(defense=config_utils.spec_name(spec), attack='none', norm=None, epsilon=None,
+               stochastic=stochastic, seconds=time.time() - t0)
+    rows.append(row)
+  return rows

@@ -1,0 +1,284 @@
+"""Training: optimizers and schedules from config, TrainState, jitted train/eval steps, the loop.
+
+The loop keeps the whole training set on the device and draws each batch inside the jitted
+step (advdef.data.train_batch), so there is no host transfer per step. All randomness comes
+from `fold_in(stream_key, step)`, so a run resumed from a checkpoint replays exactly the
+steps an uninterrupted run would have taken.
+
+  state = create_train_state(key, model, tx, input_shape)
+  step_fn = make_train_step(model, tx, ...)          # jitted once, state donated
+  state, metrics = step_fn(state, images_u8, labels, perm, train_key)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from advdef import checkpointing
+from advdef import config_utils
+from advdef import data as data_lib
+from advdef import metric_writers
+from advdef import retrofit
+
+OPTIMIZERS = ('sgd', 'adam', 'adamw')
+SCHEDULES = ('constant', 'piecewise', 'cosine')
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when the training loss becomes NaN or infinite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def make_schedule(train_config, steps_per_epoch: int) -> optax.Schedule:
+  """Learning-rate schedule in steps from a config whose boundaries are in epochs."""
+  lr = train_config.learning_rate
+  total = train_config.num_epochs * steps_per_epoch
+  name = train_config.schedule
+  if name == 'constant':
+    schedule = optax.constant_schedule(lr)
+  elif name == 'piecewise':
+    # boundaries (epochs) and decay_factor: lr * factor**k after the k-th boundary.
+    boundaries = {int(round(b * steps_per_epoch)): train_config.decay_factor
+                  for b in train_config.boundaries}
+    schedule = optax.piecewise_constant_schedule(lr, boundaries)
+  elif name == 'cosine':
+    schedule = optax.cosine_decay_schedule(lr, max(total, 1))
+  else:
+    raise ValueError(f'train.schedule={name!r}; valid choices: {SCHEDULES}')
+  warmup = int(round(train_config.warmup_epochs * steps_per_epoch))
+  if warmup:
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), schedule], [warmup])
+  return schedule
+
+
+def create_optimizer(train_config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD (momentum, nesterov) or Adam(W); weight decay coupled as in PyTorch's SGD."""
+  schedule = make_schedule(train_config, steps_per_epoch)
+  name = train_config.optimizer
+  if name == 'sgd':
+    opt = optax.sgd(schedule, momentum=train_config.momentum or None,
+                    nesterov=train_config.nesterov)
+  elif name == 'adam':
+    opt = optax.adam(schedule)
+  elif name == 'adamw':
+    return optax.adamw(schedule, weight_decay=train_config.weight_decay)
+  else:
+    raise ValueError(f'train.optimizer={name!r}; valid choices: {OPTIMIZERS}')
+  if train_config.weight_decay:
+    # L2 added to the gradient before momentum, like torch.optim.SGD(weight_decay=...).
+    return optax.chain(optax.add_decayed_weights(train_config.weight_decay), opt)
+  return opt
+
+
+def create_train_state(key, model: nn.Module, tx: optax.GradientTransformation,
+                       input_shape) -> TrainState:
+  x = jnp.zeros((1, *input_shape), jnp.float32)
+  params_key, dropout_key, defense_key = jax.random.split(key, 3)
+  variables = model.init({'params': params_key, 'dropout': dropout_key, 'defense': defense_key},
+                         x, train=False)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+
+
+def variables_of(state: TrainState) -> dict[str, Any]:
+  variables = {'params': state.params}
+  if state.batch_stats:
+    variables['batch_stats'] = state.batch_stats
+  return variables
+
+
+def cross_entropy(logits, labels, label_smoothing=0.0):
+  """Per-example cross-entropy, float32[B]."""
+  num_classes = logits.shape[-1]
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = targets * (1 - label_smoothing) + label_smoothing / num_classes
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def make_train_step(model: nn.Module, tx, *, batch_size: int, steps_per_epoch: int,
+                    crop_padding: int = 0, flip: bool = False, label_smoothing: float = 0.0,
+                    train_defense: str = 'none') -> Callable:
+  """Returns the jitted train step (state donated).
+
+  step(state, images_u8 [N,H,W,C], labels [N], perm int32[N], train_key) -> (state, metrics)
+  The batch is perm[(step % steps_per_epoch) * B : ...], augmented from fold_in(key, step).
+  """
+  hook = retrofit.build_hook(train_defense, training=True, field='train.defense')
+  train_model = model.clone(hook=hook)
+
+  def step_fn(state, images, labels, perm, train_key):
+    step_key = jax.random.fold_in(train_key, state.step)
+    aug_key, dropout_key, defense_key = jax.random.split(step_key, 3)
+    x, y = data_lib.train_batch(images, labels, perm, state.step % steps_per_epoch, aug_key,
+                                batch_size=batch_size, crop_padding=crop_padding, flip=flip)
+
+    def loss_fn(params):
+      variables = {'params': params}
+      mutable = []
+      if state.batch_stats:
+        variables['batch_stats'] = state.batch_stats
+        mutable = ['batch_stats']
+      logits, updates = train_model.apply(variables, x, train=True, mutable=mutable,
+                                          rngs={'dropout': dropout_key, 'defense': defense_key})
+      loss = jnp.mean(cross_entropy(logits, y, label_smoothing))
+      return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, param_updates)
+    new_state = TrainState(step=state.step + 1, params=params,
+                           batch_stats=updates.get('batch_stats', state.batch_stats),
+                           opt_state=opt_state)
+    metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == y)}
+    return new_state, metrics
+
+  return jax.jit(step_fn, donate_argnums=0)
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+  """eval_step(variables, x, y, mask) -> dict of masked sums (correct, loss, count)."""
+
+  def eval_fn(variables, x, y, mask):
+    logits = model.apply(variables, x, train=False)
+    correct = (jnp.argmax(logits, -1) == y) & mask
+    loss = jnp.where(mask, cross_entropy(logits, y), 0.0)
+    return {'correct': jnp.sum(correct), 'loss': jnp.sum(loss), 'count': jnp.sum(mask)}
+
+  return jax.jit(eval_fn)
+
+
+def evaluate_clean(eval_step, variables, images, labels, batch_size) -> dict[str, float]:
+  """Exact clean accuracy and mean loss over a split (the last batch padded and masked)."""
+  totals = None
+  for batch in data_lib.eval_batches(images, labels, batch_size):
+    out = eval_step(variables, batch['image'], batch['label'], batch['mask'])
+    totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  count = int(totals['count'])
+  return {'accuracy': float(totals['correct']) / count, 'loss': float(totals['loss']) / count,
+          'n': count}
+
+
+def fingerprint(config, info) -> dict[str, Any]:
+  """What a checkpoint belongs to; a workdir holding another model or data set is refused."""
+  return {'model': config.model.name, 'dataset': f'{config.data.source}:{config.data.name}',
+          'num_classes': int(info.num_classes), 'image_shape': list(info.image_shape)}
+
+
+def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.Splits, *,
+                       writer: metric_writers.MetricWriter | None = None,
+                       progress: bool = True) -> tuple[TrainState, dict[str, Any]]:
+  """Trains `model` per `config.train`, resuming from `workdir`'s latest checkpoint.
+
+  Returns the final state and a summary dict (steps, final train/test metrics, wall time).
+  """
+  tc = config.train
+  info = splits.info
+  spe = data_lib.steps_per_epoch(info.num_train, tc.batch_size)
+  if spe == 0:
+    raise ValueError(f'train.batch_size={tc.batch_size} exceeds the {info.num_train} training '
+                     'examples; lower it')
+  total_steps = tc.num_epochs * spe
+  tx = create_optimizer(tc, spe)
+  root = jax.random.key(config.seed)
+  init_key, train_key, data_key = (jax.random.fold_in(root, i) for i in range(3))
+  state = create_train_state(init_key, model, tx, info.image_shape)
+
+  ckpt = checkpointing.Checkpointer(f'{workdir}/checkpoints', keep=tc.keep_checkpoints,
+                                    fingerprint=fingerprint(config, info))
+  ckpt.check_compatible()
+  start = ckpt.latest_step()
+  if start is not None:
+    state = ckpt.restore(start, target=state)
+    logging.info('Resumed from step %d in %s', start, workdir)
+  start = int(start or 0)
+  if writer is not None:
+    writer.truncate_after(start)
+
+  images = jax.device_put(splits.train_images)
+  labels = jax.device_put(splits.train_labels.astype(np.int32))
+  test_images = jax.device_put(splits.test_images)
+  test_labels = jax.device_put(splits.test_labels.astype(np.int32))
+  step_fn = make_train_step(model, tx, batch_size=tc.batch_size, steps_per_epoch=spe,
+                            crop_padding=tc.augment.crop_padding, flip=tc.augment.flip,
+                            label_smoothing=tc.label_smoothing, train_defense=tc.defense)
+  eval_step = make_eval_step(model)
+  permute = jax.jit(data_lib.epoch_permutation, static_argnums=2)
+  ckpt_every = tc.checkpoint_every_epochs * spe
+
+  bar = metric_writers.ProgressBar(total=total_steps, initial=start, enabled=progress,
+                                   batch_size=tc.batch_size)
+  t0 = time.time()
+  summary: dict[str, Any] = {'steps': total_steps, 'steps_per_epoch': spe, 'resumed_from': start}
+  pending, last_good = [], start
+  step = start
+  perm = None
+  try:
+    while step < total_steps:
+      epoch = step // spe
+      if perm is None or step % spe == 0:
+        perm = permute(data_key, epoch, info.num_train)
+      state, metrics = step_fn(state, images, labels, perm, train_key)
+      pending.append(metrics)
+      step += 1
+      bar.update(1)
+      end_of_epoch = step % spe == 0
+      if step % tc.log_every_steps == 0 or end_of_epoch or step == total_steps:
+        means = {k: float(v) for k, v in jax.device_get(
+            jax.tree_util.tree_map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending)).items()}
+        pending = []
+        if not math.isfinite(means['loss']):
+          raise NonFiniteLossError(
+              f'training loss became {means["loss"]} between steps {last_good} and {step}; the '
+              f'last good checkpoint (step {ckpt.latest_step()}) is kept. Lower '
+              'train.learning_rate or check the data.')
+        last_good = step
+        scalars = {f'train/{k}': v for k, v in means.items()}
+        scalars['train/learning_rate'] = float(make_schedule(tc, spe)(step - 1))
+        if end_of_epoch and ((step // spe) % tc.eval_every_epochs == 0 or step == total_steps):
+          test = evaluate_clean(eval_step, variables_of(state), test_images, test_labels,
+                                config.eval.batch_size)
+          scalars.update({'test/accuracy': test['accuracy'], 'test/loss': test['loss']})
+          bar.set_postfix(loss=means['loss'], test_acc=test['accuracy'])
+          summary['final_test'] = test
+        if writer is not None:
+          writer.write_scalars(step, scalars)
+        summary['final_train'] = means
+        if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
+          ckpt.save(step, state, force=True)
+  finally:
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+  summary['wall_seconds'] = time.time() - t0
+  if 'final_test' not in summary:  # Nothing left to train (finished run, or num_epochs=0).
+    summary['final_test'] = evaluate_clean(eval_step, variables_of(state), test_images,
+                                           test_labels, config.eval.batch_size)
+  return state, summary
+
+
+def load_trained_variables(path: str, config, model, info) -> dict[str, Any]:
+  """Loads params (and batch_stats) from another run's checkpoint directory or workdir."""
+  tx = optax.identity()
+  target = create_train_state(jax.random.key(0), model, tx, info.image_shape)
+  return checkpointing.restore_variables(path, target=target, expected=fingerprint(config, info))

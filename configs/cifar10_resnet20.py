@@ -1,0 +1,58 @@
+"""python -m advdef.main --config=configs/cifar10_resnet20.py --workdir=/tmp/c10_resnet20
+
+ResNet-20 on CIFAR-10. arch=preact (default) is the SAP paper's network (input BatchNorm,
+pre-activation units; SGD momentum 0.9, batch 512, wd 1e-4, lr 0.5 / 0.05 / 0.005 for
+100 / 30 / 20 epochs) evaluated with SAP-100 and SAP-50; arch=postact is the JumpReLU paper's
+(SGD 0.1, wd 5e-4, batch 128, lr x0.1 at 30/60/90 of 120) with kappa in {0.01..0.09}.
+Epsilons are in [0, 1] pixels: the SAP paper's lambda in 0-255 units is lambda/255 here.
+
+Arguments: arch=preact|postact; source=tfds (default) | npz (../shared/data/
+cifar10_partial.npz, 4,660/846 real images: CPU-scale trends only); `cpu` (20 epochs);
+`smoke` (fake CIFAR-shaped data, a few steps); `clean` (no attacks).
+"""
+
+from advdef import config_utils
+
+
+def get_config(arg=None):
+  arg = config_utils.parse_arg(arg, arch='preact', source='tfds', cpu=False, smoke=False,
+                               clean=False)
+  config_utils.check_choice('arch', arg.arch, ('preact', 'postact'))
+  config_utils.check_choice('source', arg.source, ('tfds', 'npz'))
+  c = config_utils.base_config()
+  if arg.source == 'npz':
+    c.data.update(source='npz', name='cifar10_partial', path='../shared/data/cifar10_partial.npz')
+  else:
+    c.data.update(source='tfds', name='cifar10')
+  c.train.augment.update(crop_padding=4, flip=True)
+  if arg.arch == 'preact':
+    c.model.name = 'resnet20'
+    c.model.normalize = 'none'  # The network's input BatchNorm normalizes (SAP paper).
+    c.train.update(num_epochs=150, batch_size=512, learning_rate=0.5, weight_decay=1e-4,
+                   schedule='piecewise', boundaries=(100, 130), decay_factor=0.1)
+    defenses = ('none', 'sap(frac=1.0)', 'sap(frac=0.5)')
+  else:
+    c.model.name = 'resnet20_postact'
+    c.train.update(num_epochs=120, batch_size=128, learning_rate=0.1, weight_decay=5e-4,
+                   schedule='piecewise', boundaries=(30, 60, 90), decay_factor=0.1)
+    defenses = ('none', 'jump(kappa=0.03)', 'jump(kappa=0.06)', 'jump(kappa=0.09)')
+  if arg.cpu:
+    c.train.num_epochs = 20
+    c.train.boundaries = tuple(b * 20 / (150 if arg.arch == 'preact' else 120)
+                               for b in c.train.boundaries)
+    c.train.batch_size = 128
+    c.train.learning_rate = min(c.train.learning_rate, 0.1)
+  c.eval.update(batch_size=250, defenses=defenses, num_draws=100,
+                attacks=() if arg.clean else ('fgsm', 'pgd(steps=20)', 'apgd(loss=ce, steps=100)',
+                                              'square(queries=1000)'),
+                norm='linf', epsilons=(1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255),
+                eot_samples=10, num_attack_examples=500)
+  if arg.smoke:
+    c.data.update(source='fake', name='cifar10_shaped', fake_shape=(32, 32, 3),
+                  fake_num_train=64, fake_num_test=32)
+    c.train.update(num_epochs=1, batch_size=32, log_every_steps=1)
+    c.eval.update(batch_size=32, num_draws=2, eot_samples=2, num_attack_examples=8,
+                  epsilons=(8 / 255,), defenses=defenses[:2])
+    if not arg.clean:
+      c.eval.attacks = ('pgd(steps=2)',)
+  return c

@@ -1,0 +1,40 @@
+"""python -m advdef.main --config=configs/quickstart.py --workdir=/tmp/advdef_quickstart
+
+Offline quick start on scikit-learn's bundled 8x8 digits (1,437 train / 360 test): trains
+a small CNN (about 97% test accuracy in well under a minute on 2 CPU cores), then
+evaluates it undefended and retrofitted with SAP, JumpReLU and RSE, clean and under the
+adaptive attack suite (PGD, APGD, Square, EOT for the stochastic defenses, BPDA and
+transfer for JumpReLU), and writes report.json, report.md and plots to the workdir.
+
+Arguments (configs/quickstart.py:ARG): `smoke` (a few steps, for tests and CI),
+`clean` (no attacks).
+"""
+
+from advdef import config_utils
+
+
+def get_config(arg=None):
+  arg = config_utils.parse_arg(arg, smoke=False, clean=False)
+  c = config_utils.base_config()
+  c.data.source = 'digits'
+  c.data.name = 'digits'
+  c.model.name = 'small_cnn'
+  c.train.update(num_epochs=30, batch_size=64, optimizer='sgd', learning_rate=0.05,
+                 momentum=0.9, weight_decay=5e-4, schedule='cosine', log_every_steps=50,
+                 checkpoint_every_epochs=5)
+  c.eval.update(
+      batch_size=200,
+      defenses=('none', 'sap(frac=1.0)', 'jump(kappa=0.5)',
+                'rse(sigma_init=0.2, sigma_inner=0.1)'),
+      num_draws=32,
+      attacks=() if arg.clean else ('pgd(steps=20)', 'apgd(loss=ce, steps=50)',
+                                    'square(queries=300)'),
+      norm='linf', epsilons=(0.05, 0.1, 0.2, 0.3),
+      eot_samples=8, num_attack_examples=200)
+  if arg.smoke:
+    c.train.update(num_epochs=2, log_every_steps=5)
+    c.eval.update(num_examples=64, num_attack_examples=32, num_draws=4, eot_samples=2,
+                  epsilons=(0.1, 0.3))
+    if not arg.clean:
+      c.eval.attacks = ('pgd(steps=3)', 'apgd(loss=ce, steps=4)', 'square(queries=20)')
+  return c

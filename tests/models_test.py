@@ -1,0 +1,121 @@
+"""Models: shapes, parameter counts, sites, normalization, registry errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from advdef import models
+
+SHAPES = {
+    'small_cnn': (8, 8, 1), 'lenet_like': (28, 28, 1), 'lenet5_caffe': (28, 28, 1),
+    'resnet20': (32, 32, 3), 'resnet20_postact': (32, 32, 3), 'vgg16': (32, 32, 3),
+    'vgg16_anp': (32, 32, 3),
+}
+# Parameter counts of the reference architectures (trainable params only).
+EXPECTED_PARAMS = {
+    'lenet_like': 260 + 5020 + 38520 + 10890 + 910,   # conv1, conv2, fc120, fc90, fc10
+    'lenet5_caffe': 520 + 25050 + 400500 + 5010,       # the classic 431k LeNet-5-Caffe
+}
+
+
+def _model(name, shape, **kw):
+  c = shape[-1]
+  return models.create_model(name, num_classes=10, mean=(0.5,) * c, std=(0.25,) * c, **kw)
+
+
+@pytest.mark.parametrize('name', sorted(SHAPES))
+def test_forward_shapes_and_finite(name):
+  shape = SHAPES[name]
+  model = _model(name, shape)
+  variables = models.init_variables(model, jax.random.key(0), shape)
+  x = jax.random.uniform(jax.random.key(1), (3, *shape))
+  logits = model.apply(variables, x, train=False)
+  assert logits.shape == (3, 10)
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  if name in EXPECTED_PARAMS:
+    assert models.count_params(variables) == EXPECTED_PARAMS[name]
+
+
+def test_resnet20_is_resnet20_sized():
+  model = _model('resnet20', (32, 32, 3))
+  n = models.count_params(models.init_variables(model, jax.random.key(0), (32, 32, 3)))
+  assert 0.26e6 < n < 0.28e6  # ResNet-20 has ~0.27M parameters.
+
+
+def test_wide_resnet_depth_validation_and_size():
+  model = _model('wide_resnet', (32, 32, 3), depth=10, widen=1)
+  variables = models.init_variables(model, jax.random.key(0), (32, 32, 3))
+  assert model.apply(variables, jnp.zeros((2, 32, 32, 3))).shape == (2, 10)
+  with pytest.raises(ValueError, match='6n\\+4'):
+    bad = _model('wide_resnet', (32, 32, 3), depth=30, widen=1)
+    models.init_variables(bad, jax.random.key(0), (32, 32, 3))
+
+
+def test_sites_listed_in_call_order_with_kinds():
+  sites = models.list_sites(_model('lenet5_caffe', (28, 28, 1)), (28, 28, 1))
+  assert sites == [
+      ('conv1_in', 'conv_in'), ('conv1_out', 'conv_out'), ('act1', 'act'),
+      ('conv2_in', 'conv_in'), ('conv2_out', 'conv_out'), ('act2', 'act'),
+      ('fc1_in', 'dense_in'), ('act3', 'act'), ('fc2_in', 'dense_in')]
+
+
+def test_resnet20_has_a_site_for_every_relu_and_conv():
+  sites = models.list_sites(_model('resnet20', (32, 32, 3)), (32, 32, 3))
+  kinds = [k for _, k in sites]
+  assert kinds.count('act') == 19       # 2 per unit x 9 units + the final one
+  assert kinds.count('conv_in') == 22   # conv0 + 2 per unit + 3 projections
+  assert kinds.count('conv_out') == 22
+
+
+def test_hook_sees_sites_and_can_change_the_output():
+  model = _model('small_cnn', (8, 8, 1))
+  variables = models.init_variables(model, jax.random.key(0), (8, 8, 1))
+  x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1))
+  seen = []
+
+  def hook(site, h):
+    seen.append((site.site_name, site.kind, site.is_model_input))
+    return models.plain_hook(site, h)
+
+  same = model.clone(hook=hook).apply(variables, x)
+  np.testing.assert_array_equal(same, model.apply(variables, x))
+  assert seen[0] == ('conv1_in', 'conv_in', True)
+  assert all(not first for _, _, first in seen[1:])
+  # Zeroing the input of the last dense layer leaves only its bias.
+  zero_fc2 = lambda site, h: h * 0 if site.site_name == 'fc2_in' else models.plain_hook(site, h)
+  out = model.clone(hook=zero_fc2).apply(variables, x)
+  np.testing.assert_allclose(out, jnp.broadcast_to(variables['params']['fc2']['bias'], (2, 10)))
+
+
+def test_normalization_modes():
+  x = jax.random.uniform(jax.random.key(0), (2, 4, 4, 3))
+  np.testing.assert_allclose(models.normalize_images(x, 'dataset', (0.5,) * 3, (0.25,) * 3),
+                             (x - 0.5) / 0.25, rtol=1e-6)
+  z = models.normalize_images(x, 'per_image', None, None)
+  np.testing.assert_allclose(jnp.mean(z, axis=(1, 2, 3)), 0.0, atol=1e-5)
+  np.testing.assert_allclose(jnp.std(z, axis=(1, 2, 3)), 1.0, rtol=1e-4)
+  assert models.normalize_images(x, 'none', None, None) is x
+  with pytest.raises(ValueError, match='model.normalize'):
+    models.normalize_images(x, 'zscore', None, None)
+
+
+def test_unknown_model_lists_valid_names():
+  with pytest.raises(ValueError, match='lenet_like.*resnet20'):
+    models.create_model('resnet18', num_classes=10)
+
+
+def test_train_mode_updates_batch_stats_and_uses_dropout():
+  model = _model('lenet_like', (28, 28, 1))
+  variables = models.init_variables(model, jax.random.key(0), (28, 28, 1))
+  x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+  a = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(2)})
+  b = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(3)})
+  assert not np.allclose(a, b)  # dropout is active in training
+  model = _model('resnet20', (32, 32, 3))
+  variables = models.init_variables(model, jax.random.key(0), (32, 32, 3))
+  _, updates = model.apply(variables, jnp.ones((2, 32, 32, 3)), train=True,
+                           mutable=['batch_stats'])
+  before = jax.tree_util.tree_leaves(variables['batch_stats'])
+  after = jax.tree_util.tree_leaves(updates['batch_stats'])
+  assert any(not np.allclose(u, v) for u, v in zip(before, after))
