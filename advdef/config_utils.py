@@ -170,7 +170,8 @@ def base_config() -> ml_collections.ConfigDict:
       epsilons=(),
       adaptive=True,            # EOT for stochastic defenses, BPDA/transfer for JumpReLU
       eot_samples=10,
+      single_draw_baseline=False,  # also attack stochastic defenses with 1 draw per step
       num_attack_examples=0,    # 0 = same as num_examples
       checks=True)
-  c.report = dict(plots=True, tensorboard=True)
+  c.report = dict(tensorboard=True)
   return c

@@ -10,6 +10,7 @@ defense is scored on fresh draws: the accuracy of the prediction averaged over
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any, Callable
@@ -37,6 +38,7 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> list[float]:
   return [max(0.0, center - half), min(1.0, center + half)]
 
 
+@functools.partial(jax.jit, static_argnames='num_bins')
 def calibration_sums(probs, labels, mask, num_bins=NUM_ECE_BINS):
   """Masked sufficient statistics for accuracy, NLL, Brier and ECE of probs [B, K]."""
   conf = jnp.max(probs, -1)
@@ -77,15 +79,11 @@ def finish_calibration(sums) -> dict[str, Any]:
 
 
 def per_draw_summary(correct_per_draw: np.ndarray) -> dict[str, Any]:
-  """Mean per-draw accuracy and a 95% t-interval over draws. correct_per_draw: [D, N] bool."""
-  acc = np.mean(correct_per_draw, axis=1)
-  d = len(acc)
-  mean = float(np.mean(acc))
-  if d < 2:
-    return {'per_draw_accuracy': mean, 'per_draw_ci95': None, 'num_draws': d}
-  half = 1.96 * float(np.std(acc, ddof=1)) / math.sqrt(d)
-  return {'per_draw_accuracy': mean, 'per_draw_ci95': [mean - half, mean + half],
-          'num_draws': d}
+  """Mean per-draw accuracy and its 95% t-interval over draws. correct_per_draw: [D, N]."""
+  stats = defenses.per_draw_accuracy_interval(correct_per_draw)
+  ci = None if stats['num_draws'] < 2 else [stats['ci95_low'], stats['ci95_high']]
+  return {'per_draw_accuracy': stats['mean'], 'per_draw_ci95': ci,
+          'num_draws': stats['num_draws']}
 
 
 def make_predict_fn(logits_fn: Callable, *, stochastic: bool, num_draws: int,
@@ -107,16 +105,22 @@ def make_predict_fn(logits_fn: Callable, *, stochastic: bool, num_draws: int,
 
 
 def score_predictions(predict, images, labels, batch_size, key, *, stochastic,
-                      x_override: Callable | None = None) -> dict[str, Any]:
+                      x_override: Callable | None = None,
+                      return_correct: bool = False) -> dict[str, Any]:
   """Runs predict over a split and returns the row fields (accuracy, ci95, calibration...).
 
   x_override(batch_index, batch) -> x lets attacked inputs replace the clean ones.
+  return_correct adds '_correct': bool[N], per-example correctness of the (averaged)
+  prediction, for per-example worst cases.
   """
-  sums, per_draw = None, []
+  sums, per_draw, correct_all = None, [], []
   for i, batch in enumerate(data_lib.eval_batches(images, labels, batch_size)):
     x = batch['image'] if x_override is None else x_override(i, batch)
     mean_probs, draw_probs = predict(x, jax.random.fold_in(key, i))
     s = calibration_sums(mean_probs, batch['label'], batch['mask'])
+    if return_correct:
+      mask = np.asarray(batch['mask'])
+      correct_all.append(np.asarray(jnp.argmax(mean_probs, -1) == batch['label'])[mask])
     sums = s if sums is None else jax.tree_util.tree_map(jnp.add, sums, s)
     if stochastic:
       correct = np.asarray(jnp.argmax(draw_probs, -1) == batch['label'][None])
@@ -125,6 +129,8 @@ def score_predictions(predict, images, labels, batch_size, key, *, stochastic,
   row['ci95'] = wilson_interval(row['accuracy'] * row['n'], row['n'])
   if stochastic:
     row.update(per_draw_summary(np.concatenate(per_draw, axis=1)))
+  if return_correct:
+    row['_correct'] = np.concatenate(correct_all)
   return row
 
 

@@ -104,12 +104,17 @@ def build_model(config, info) -> nn.Module:
                              std=info.std, normalize=config.model.normalize, **kwargs)
 
 
-def prepare(config) -> tuple[data_lib.Splits, nn.Module]:
+def prepare(config, workdir: str | None = None) -> tuple[data_lib.Splits, nn.Module]:
   """Everything that can fail on bad input, before any training compute: the config, the
-  data, the model and each defense against the model's sites."""
+  data, the model, each defense against the model's sites, and the workdir's checkpoints."""
   validate_config(config)
   splits = data_lib.load_dataset(config.data)
   model = build_model(config, splits.info)
+  ckpt_dir = os.path.join(workdir or '', 'checkpoints')
+  if workdir and os.path.isdir(ckpt_dir) and not config.train.checkpoint:
+    with checkpointing.Checkpointer(ckpt_dir, fingerprint=training.fingerprint(
+        config, splits.info)) as ckpt:
+      ckpt.check_compatible()
   for i, spec in enumerate(config.eval.defenses):
     retrofit.validate_for_model(spec, model, splits.info.image_shape, field=f'eval.defenses[{i}]')
   retrofit.validate_for_model(config.train.defense, model, splits.info.image_shape,
@@ -141,11 +146,11 @@ def run(config, workdir: str, *, progress: bool = True, prepared=None) -> dict[s
   report['training'] = summary
   report['wall_seconds'] = time.time() - t0
   if is_main:
-    paths = reporting.write_report(workdir, report, plots=config.report.plots)
+    paths = reporting.write_report(workdir, report)
     metrics = metric_writers.read_metrics(workdir)
-    if config.report.plots and metrics:
+    if metrics:
       reporting.training_curves_plot(metrics, os.path.join(workdir, 'training_curves.png'))
-    logging.info('Wrote %s', ', '.join(paths))
+    logging.info('Wrote %s', ', '.join(map(str, paths)))
   return report
 
 
@@ -183,8 +188,11 @@ def load_run(workdir: str) -> Run:
   model = build_model(config, splits.info)
   source = config.train.checkpoint or workdir
   variables = training.load_trained_variables(source, config, model, splits.info)
+  latest = None
   ckpt_dir = os.path.join(source, 'checkpoints')
-  latest = checkpointing.Checkpointer(ckpt_dir, fingerprint=training.fingerprint(
-      config, splits.info)).latest_step() if os.path.isdir(ckpt_dir) else None
+  if os.path.isdir(ckpt_dir):
+    with checkpointing.Checkpointer(ckpt_dir, fingerprint=training.fingerprint(
+        config, splits.info)) as ckpt:
+      latest = ckpt.latest_step()
   return Run(workdir=workdir, config=config, model=model, variables=variables, splits=splits,
              step=int(latest or 0))

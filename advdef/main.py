@@ -27,6 +27,8 @@ _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.ini
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # orbax logs dozens of INFO lines per checkpoint; keep the console for progress and errors.
+  logging.set_verbosity(logging.WARNING)
   import jax  # Imported here so flag errors do not pay for JAX start-up.
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
@@ -35,7 +37,7 @@ def main(argv):
   from advdef import training
   config = _CONFIG.value
   try:
-    prepared = experiment.prepare(config)
+    prepared = experiment.prepare(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     # Bad configs and inputs fail before any compute: one readable line, no traceback.
     print(f'advdef: error: {e}', file=sys.stderr)

@@ -127,7 +127,10 @@ class MetricWriter:
         tb.add_scalar(name, value, global_step=step)
 
   def write_hparams(self, config: Any) -> pathlib.Path | None:
-    """Writes the flattened config to `<workdir>/config.json` (atomically).
+    """Writes the config, nested as given, to `<workdir>/config.json` (atomically).
+
+    It stays nested so `advdef.load_run` rebuilds the ConfigDict from it; TensorBoard's text
+    tab gets the flattened key/value table.
 
     Args:
       config: a (nested) dict or ml_collections ConfigDict.
@@ -137,8 +140,10 @@ class MetricWriter:
     """
     if not self.enabled:
       return None
+    if hasattr(config, 'to_dict'):
+      config = config.to_dict()
     flat = reporting.flatten_dict(config)
-    path = reporting.write_json_atomic(self.workdir / CONFIG_FILE, flat)
+    path = reporting.write_json_atomic(self.workdir / CONFIG_FILE, config)
     tb = self._tb()
     if tb is not None:
       # A Markdown table in the TEXT tab: the config sits next to the curves it produced.

@@ -86,8 +86,15 @@ class Retrofit:
     return self._apply(site.kind, site, x)
 
 
+def _check(field, value, *, allow_zero):
+  """Checks concrete hyperparameters early; traced ones (sweeps) are checked by the caller."""
+  if not isinstance(value, jax.Array):
+    config_utils.check_positive(field, value, allow_zero=allow_zero)
+
+
 def _sap(frac=1.0, placement='relu', gradient='constant', sampler='exact', max_frac=None,
          sites='*'):
+  _check('sap.frac', frac, allow_zero=False)
   config_utils.check_choice('sap.placement', placement, ('relu', 'conv'))
   config_utils.check_choice('sap.gradient', gradient, ('constant', 'through_scale'))
   config_utils.check_choice('sap.sampler', sampler, ('exact', 'bernoulli'))
@@ -101,6 +108,8 @@ def _sap(frac=1.0, placement='relu', gradient='constant', sampler='exact', max_f
 
 
 def _jump(kappa, surrogate=None, temperature=0.1, sites='*'):
+  _check('jump.kappa', kappa, allow_zero=True)
+  _check('jump.temperature', temperature, allow_zero=False)
   if surrogate is not None:
     config_utils.check_choice('jump.surrogate', surrogate, (None, 'relu', 'sigmoid'))
   kwargs = dict(kappa=kappa, surrogate=surrogate)
@@ -112,6 +121,8 @@ def _jump(kappa, surrogate=None, temperature=0.1, sites='*'):
 
 
 def _rse(sigma_init=0.2, sigma_inner=0.1, sites='*'):
+  _check('rse.sigma_init', sigma_init, allow_zero=True)
+  _check('rse.sigma_inner', sigma_inner, allow_zero=True)
   def fn(key, x, site):
     sigma = sigma_init if site.is_model_input else sigma_inner
     return defenses.gaussian_noise(key, x, sigma=sigma)
@@ -119,6 +130,7 @@ def _rse(sigma_init=0.2, sigma_inner=0.1, sites='*'):
 
 
 def _noise(sigma, placement='input', sites='*'):
+  _check('noise.sigma', sigma, allow_zero=True)
   config_utils.check_choice('noise.placement', placement, ('input', 'conv_in', 'act'))
   def fn(key, x, site):
     if placement == 'input' and not site.is_model_input:

@@ -194,19 +194,15 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
   """
   tc = config.train
   info = splits.info
-  spe = data_lib.steps_per_epoch(info.num_train, tc.batch_size)
-  if spe == 0:
-    raise ValueError(f'train.batch_size={tc.batch_size} exceeds the {info.num_train} training '
-                     'examples; lower it')
+  spe = data_lib.steps_per_epoch(info.num_train, tc.batch_size)  # raises if batch > data
   total_steps = tc.num_epochs * spe
+  ckpt = checkpointing.Checkpointer(f'{workdir}/checkpoints', keep=tc.keep_checkpoints,
+                                    fingerprint=fingerprint(config, info))
+  ckpt.check_compatible()  # Before any compute: a workdir of another run is refused.
   tx = create_optimizer(tc, spe)
   root = jax.random.key(config.seed)
   init_key, train_key, data_key = (jax.random.fold_in(root, i) for i in range(3))
   state = create_train_state(init_key, model, tx, info.image_shape)
-
-  ckpt = checkpointing.Checkpointer(f'{workdir}/checkpoints', keep=tc.keep_checkpoints,
-                                    fingerprint=fingerprint(config, info))
-  ckpt.check_compatible()
   start = ckpt.latest_step()
   if start is not None:
     state = ckpt.restore(start, target=state)
@@ -259,7 +255,7 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
           test = evaluate_clean(eval_step, variables_of(state), test_images, test_labels,
                                 config.eval.batch_size)
           scalars.update({'test/accuracy': test['accuracy'], 'test/loss': test['loss']})
-          bar.set_postfix(loss=means['loss'], test_acc=test['accuracy'])
+          bar.update(0, loss=means['loss'], test_acc=test['accuracy'])
           summary['final_test'] = test
         if writer is not None:
           writer.write_scalars(step, scalars)
@@ -279,6 +275,10 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
 
 def load_trained_variables(path: str, config, model, info) -> dict[str, Any]:
   """Loads params (and batch_stats) from another run's checkpoint directory or workdir."""
-  tx = optax.identity()
-  target = create_train_state(jax.random.key(0), model, tx, info.image_shape)
-  return checkpointing.restore_variables(path, target=target, expected=fingerprint(config, info))
+  shapes = jax.eval_shape(lambda: create_train_state(jax.random.key(0), model, optax.identity(),
+                                                     info.image_shape))
+  target = {'params': shapes.params}
+  if shapes.batch_stats:
+    target['batch_stats'] = shapes.batch_stats
+  return dict(checkpointing.restore_variables(path, target,
+                                              expected_fingerprint=fingerprint(config, info)))

@@ -26,15 +26,15 @@ def get_config(arg=None):
       batch_size=200,
       defenses=('none', 'sap(frac=1.0)', 'jump(kappa=0.5)',
                 'rse(sigma_init=0.2, sigma_inner=0.1)'),
-      num_draws=32,
-      attacks=() if arg.clean else ('pgd(steps=20)', 'apgd(loss=ce, steps=50)',
-                                    'square(queries=300)'),
-      norm='linf', epsilons=(0.05, 0.1, 0.2, 0.3),
-      eot_samples=8, num_attack_examples=200)
+      num_draws=16,
+      attacks=() if arg.clean else ('pgd(steps=10)', 'apgd(loss=ce, steps=20)',
+                                    'square(queries=200)'),
+      norm='linf', epsilons=(0.1, 0.3),
+      eot_samples=4, num_attack_examples=100)
   if arg.smoke:
     c.train.update(num_epochs=2, log_every_steps=5)
     c.eval.update(num_examples=64, num_attack_examples=32, num_draws=4, eot_samples=2,
-                  epsilons=(0.1, 0.3))
+                  epsilons=(0.1, 0.3), batch_size=64)
     if not arg.clean:
-      c.eval.attacks = ('pgd(steps=3)', 'apgd(loss=ce, steps=4)', 'square(queries=20)')
+      c.eval.attacks = ('pgd(steps=3)', 'square(queries=20)')
   return c

@@ -94,7 +94,7 @@ def test_tensorboard_event_file_created(tmp_path):
   assert events and all(p.stat().st_size > 0 for p in events)
 
 
-def test_config_json_flattens_nested_config_dict(tmp_path):
+def test_config_json_keeps_the_nested_config_dict(tmp_path):
   config = ml_collections.ConfigDict()
   config.model = ml_collections.ConfigDict({'name': 'lenet_like', 'widths': (32, 64)})
   config.data = ml_collections.ConfigDict({'name': 'mnist', 'aug': {'flip': False}})
@@ -104,8 +104,8 @@ def test_config_json_flattens_nested_config_dict(tmp_path):
     path = writer.write_hparams(config)
   assert path == tmp_path / 'config.json'
   assert json.loads(path.read_text()) == {
-      'model.name': 'lenet_like', 'model.widths': [32, 64], 'data.name': 'mnist',
-      'data.aug.flip': False, 'seed': 0, 'lr': 0.001}
+      'model': {'name': 'lenet_like', 'widths': [32, 64]},
+      'data': {'name': 'mnist', 'aug': {'flip': False}}, 'seed': 0, 'lr': 0.001}
   assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json', 'metrics.jsonl']
 
 
