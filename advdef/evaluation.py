@@ -4,6 +4,8 @@ defenses, and (advdef.robustness) attack rows; results become report rows.
 Counts are exact: the last partial batch is padded and masked, never dropped. A stochastic
 defense is scored on fresh draws: the accuracy of the prediction averaged over
 `eval.num_draws` softmax draws, and the mean per-draw accuracy with a 95% interval.
+Batches are split over the devices of the `config.parallel` mesh (advdef.parallel), the
+model's variables replicated; the numbers do not depend on the device count.
 
   rows = evaluate_clean_rows(config, model, variables, images, labels, key)
 """
@@ -22,6 +24,7 @@ import numpy as np
 from advdef import config_utils
 from advdef import data as data_lib
 from advdef import defenses
+from advdef import parallel
 from advdef import retrofit
 
 NUM_ECE_BINS = 15
@@ -63,7 +66,7 @@ def calibration_sums(probs, labels, mask, num_bins=NUM_ECE_BINS):
 
 def finish_calibration(sums) -> dict[str, Any]:
   """Masked sums -> accuracy, nll, brier, ece (15 bins) and reliability-diagram bins."""
-  sums = jax.device_get(sums)
+  sums = parallel.to_numpy(sums)
   n = float(sums['count'])
   counts = np.asarray(sums['bin_count'])
   nonzero = counts > 0
@@ -81,7 +84,9 @@ def finish_calibration(sums) -> dict[str, Any]:
 def per_draw_summary(correct_per_draw: np.ndarray) -> dict[str, Any]:
   """Mean per-draw accuracy and its 95% t-interval over draws. correct_per_draw: [D, N]."""
   stats = defenses.per_draw_accuracy_interval(correct_per_draw)
-  ci = None if stats['num_draws'] < 2 else [stats['ci95_low'], stats['ci95_high']]
+  # A t-interval can cross 0 or 1 when few draws disagree; accuracies cannot.
+  ci = None if stats['num_draws'] < 2 else [max(0.0, stats['ci95_low']),
+                                             min(1.0, stats['ci95_high'])]
   return {'per_draw_accuracy': stats['mean'], 'per_draw_ci95': ci,
           'num_draws': stats['num_draws']}
 
@@ -106,25 +111,30 @@ def make_predict_fn(logits_fn: Callable, *, stochastic: bool, num_draws: int,
 
 def score_predictions(predict, images, labels, batch_size, key, *, stochastic,
                       x_override: Callable | None = None,
-                      return_correct: bool = False) -> dict[str, Any]:
+                      return_correct: bool = False, mesh=None) -> dict[str, Any]:
   """Runs predict over a split and returns the row fields (accuracy, ci95, calibration...).
 
   x_override(batch_index, batch) -> x lets attacked inputs replace the clean ones.
   return_correct adds '_correct': bool[N], per-example correctness of the (averaged)
-  prediction, for per-example worst cases.
+  prediction, for per-example worst cases. With a mesh, every batch (and x) is split over
+  its devices; batch_size must be a multiple of the device count.
   """
   sums, per_draw, correct_all = None, [], []
   for i, batch in enumerate(data_lib.eval_batches(images, labels, batch_size)):
+    mask = np.asarray(batch['mask'])  # Host copy, before the batch is spread over devices.
+    if mesh is not None:
+      batch = parallel.shard_batch(batch, mesh)
     x = batch['image'] if x_override is None else x_override(i, batch)
+    if mesh is not None:
+      x = parallel.shard_batch(x, mesh)
     mean_probs, draw_probs = predict(x, jax.random.fold_in(key, i))
     s = calibration_sums(mean_probs, batch['label'], batch['mask'])
     if return_correct:
-      mask = np.asarray(batch['mask'])
-      correct_all.append(np.asarray(jnp.argmax(mean_probs, -1) == batch['label'])[mask])
+      correct_all.append(parallel.to_numpy(jnp.argmax(mean_probs, -1) == batch['label'])[mask])
     sums = s if sums is None else jax.tree_util.tree_map(jnp.add, sums, s)
     if stochastic:
-      correct = np.asarray(jnp.argmax(draw_probs, -1) == batch['label'][None])
-      per_draw.append(correct[:, np.asarray(batch['mask'])])
+      correct = parallel.to_numpy(jnp.argmax(draw_probs, -1) == batch['label'][None])
+      per_draw.append(correct[:, mask])
   row = finish_calibration(sums)
   row['ci95'] = wilson_interval(row['accuracy'] * row['n'], row['n'])
   if stochastic:
@@ -134,8 +144,16 @@ def score_predictions(predict, images, labels, batch_size, key, *, stochastic,
   return row
 
 
-def evaluate_clean_rows(config, model, variables, images, labels, key) -> list[dict[str, Any]]:
-  """One clean row per defense in config.eval.defenses (with calibration)."""
+def evaluate_clean_rows(config, model, variables, images, labels, key, *,
+                        mesh=None) -> list[dict[str, Any]]:
+  """One clean row per defense in config.eval.defenses (with calibration).
+
+  Data parallel over `mesh` (default: the `config.parallel` mesh).
+  """
+  if mesh is None:
+    mesh = parallel.mesh_from_config(config)
+  parallel.check_divisible(config.eval.batch_size, mesh, 'eval.batch_size')
+  variables = parallel.replicate(variables, mesh)
   rows = []
   for d_index, spec in enumerate(config.eval.defenses):
     t0 = time.time()
@@ -144,7 +162,7 @@ def evaluate_clean_rows(config, model, variables, images, labels, key) -> list[d
     logits_fn = retrofit.make_logits_fn(model, variables, hook)
     predict = make_predict_fn(logits_fn, stochastic=stochastic, num_draws=config.eval.num_draws)
     row = score_predictions(predict, images, labels, config.eval.batch_size,
-                            jax.random.fold_in(key, d_index), stochastic=stochastic)
+                            jax.random.fold_in(key, d_index), stochastic=stochastic, mesh=mesh)
     row.update(defense=config_utils.spec_name(spec), attack='none', norm=None, epsilon=None,
                stochastic=stochastic, seconds=time.time() - t0)
     rows.append(row)

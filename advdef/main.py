@@ -3,6 +3,10 @@
 Trains (resuming from the workdir's latest checkpoint, or loading `train.checkpoint`),
 evaluates every configured defense and attack, and writes report.json, report.md and plots
 to the workdir. Any config field can be overridden: --config.train.num_epochs=3.
+
+Data parallel over all devices by default (`--config.parallel.num_devices=N` for fewer);
+multi-host runs start the same command on every host with
+`--config.parallel.distributed=True` (see advdef.parallel and the README's "Scaling out").
 """
 
 import os
@@ -21,7 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG,
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the '
                                'report.', required=True)
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
-                                 '(multi-host runs).')
+                                 '(multi-host runs); the same as '
+                                 '--config.parallel.distributed=True.')
 
 
 def main(argv):
@@ -30,14 +35,20 @@ def main(argv):
   # orbax logs dozens of INFO lines per checkpoint; keep the console for progress and errors.
   logging.set_verbosity(logging.WARNING)
   import jax  # Imported here so flag errors do not pay for JAX start-up.
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  from advdef import parallel
+  config = _CONFIG.value
+  try:
+    # Before anything touches a JAX backend.
+    parallel.initialize_distributed(config, force=_DISTRIBUTED.value)
+  except ValueError as e:
+    print(f'advdef: error: {e}', file=sys.stderr)
+    sys.exit(2)
   from advdef import experiment
   logging.info('advdef on %s devices: %s', jax.device_count(), jax.devices())
   from advdef import training
-  config = _CONFIG.value
   try:
     prepared = experiment.prepare(config, _WORKDIR.value)
+    parallel.validate_config(config)  # Device count, and the batch sizes it must divide.
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     # Bad configs and inputs fail before any compute: one readable line, no traceback.
     print(f'advdef: error: {e}', file=sys.stderr)

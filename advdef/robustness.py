@@ -18,6 +18,9 @@ Checks (Carlini et al. 2019; AutoAttack's flags), each pass / warn / fail with a
   accuracy_monotone_in_eps, large_eps_collapse, iterative_beats_single_step,
   white_box_beats_transfer, square_not_better_than_gradient, convergence,
   gradient_health, randomness_detected, fixed_randomness.
+
+Attacks, scoring and checks run data parallel: every batch is split over the devices of the
+`config.parallel` mesh (advdef.parallel) and the variables are replicated.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from advdef import attacks
 from advdef import config_utils
 from advdef import data as data_lib
 from advdef import evaluation
+from advdef import parallel
 from advdef import retrofit
 
 MIN_PERTURBATION_ATTACKS = ('cw_l2', 'deepfool', 'ifgsm_min')
@@ -199,7 +203,7 @@ def plan_attacks(spec: str, e) -> list[AttackPlan]:
 class _Scorer:
   """Scores inputs with a defense's own decision rule on fresh draws."""
 
-  def __init__(self, model, variables, spec, num_draws, batch_size, key):
+  def __init__(self, model, variables, spec, num_draws, batch_size, key, mesh=None):
     hook = retrofit.build_hook(spec)
     self.stochastic = hook is not None and hook.stochastic
     self.logits_fn = retrofit.make_logits_fn(model, variables, hook)
@@ -207,13 +211,15 @@ class _Scorer:
                                               num_draws=num_draws)
     self.batch_size = batch_size
     self.key = key
+    self.mesh = mesh
     self.calls = 0
 
   def __call__(self, images, labels, batches_adv):
     self.calls += 1
     return evaluation.score_predictions(
         self.predict, images, labels, self.batch_size, jax.random.fold_in(self.key, self.calls),
-        stochastic=self.stochastic, x_override=lambda i, b: batches_adv[i], return_correct=True)
+        stochastic=self.stochastic, x_override=lambda i, b: batches_adv[i], return_correct=True,
+        mesh=self.mesh)
 
 
 class _Crafters:
@@ -222,8 +228,13 @@ class _Crafters:
   Epsilon is a traced argument, so sweeping eval.epsilons never recompiles.
   """
 
-  def __init__(self, model, variables):
+  def __init__(self, model, variables, mesh=None):
     self.model, self.variables, self.cache = model, variables, {}
+    self.mesh = mesh
+
+  def shard(self, batch):
+    """The batch split over the mesh's devices (unchanged without a mesh)."""
+    return batch if self.mesh is None else parallel.shard_batch(batch, self.mesh)
 
   def get(self, plan: AttackPlan):
     cache_key = (plan.name, plan.craft_spec, tuple(sorted(plan.kwargs.items())))
@@ -245,11 +256,13 @@ class _Crafters:
     run = self.get(plan)
     outs, successes = [], []
     for i, batch in enumerate(data_lib.eval_batches(images, labels, batch_size)):
+      mask = np.asarray(batch['mask'])
+      batch = self.shard(batch)
       out = run(batch['image'], batch['label'], jax.random.fold_in(key, i),
                 jnp.float32(0.0 if eps is None else eps))
       if plan.min_perturbation:
         out, success = out
-        successes.append(np.asarray(success)[np.asarray(batch['mask'])])
+        successes.append(parallel.to_numpy(success)[mask])
       outs.append(out)
     return outs, (np.concatenate(successes) if plan.min_perturbation else None)
 
@@ -265,11 +278,18 @@ def _slack(accuracy: float, n: int, stochastic: bool) -> float:
 
 
 def evaluate_attacks(config, model, variables, images, labels, key,
-                     clean_rows) -> tuple[list[dict], list[dict]]:
-  """Attack rows (per defense, attack, epsilon), worst-case rows and checks."""
+                     clean_rows, *, mesh=None) -> tuple[list[dict], list[dict]]:
+  """Attack rows (per defense, attack, epsilon), worst-case rows and checks.
+
+  Data parallel over `mesh` (default: the `config.parallel` mesh).
+  """
   e = config.eval
   if not e.attacks and not e.checks:
     return [], []
+  if mesh is None:
+    mesh = parallel.mesh_from_config(config)
+  parallel.check_divisible(e.batch_size, mesh, 'eval.batch_size')
+  variables = parallel.replicate(variables, mesh)
   n = e.num_attack_examples or len(labels)
   images, labels = images[:n], labels[:n]
   n = len(labels)
@@ -279,8 +299,8 @@ def evaluate_attacks(config, model, variables, images, labels, key,
   for d_index, spec in enumerate(e.defenses):
     defense = config_utils.spec_name(spec)
     scorer = _Scorer(model, variables, spec, e.num_draws, e.batch_size,
-                     jax.random.fold_in(score_root, d_index))
-    crafters = _Crafters(model, variables)
+                     jax.random.fold_in(score_root, d_index), mesh)
+    crafters = _Crafters(model, variables, mesh)
     d_rows, per_example = [], {}
     for a_index, plan in enumerate(plan_attacks(spec, e)):
       eps_list = [None] if plan.min_perturbation else list(e.epsilons)
@@ -300,7 +320,7 @@ def evaluate_attacks(config, model, variables, images, labels, key,
         if 'eot_samples' in plan.kwargs:
           row['eot_samples'] = plan.kwargs['eot_samples']
         if plan.min_perturbation:
-          x_adv = np.concatenate([np.asarray(a) for a in adv])[:n]
+          x_adv = np.concatenate([parallel.to_numpy(a) for a in adv])[:n]
           x = data_lib.to_float(np.asarray(images))
           norms = np.asarray(attacks.perturbation_norms(x, x_adv, norm))
           rel = np.asarray(attacks.relative_perturbation_norms(x, x_adv, norm))
@@ -460,8 +480,11 @@ def run_checks(config, spec, images, labels, d_rows, per_example, scorer, crafte
     return jax.grad(lambda x: jnp.sum(attacks.margin(logits_fn(x, k), y)))(x)
 
   for i, batch in enumerate(data_lib.eval_batches(images, labels, e.batch_size)):
-    g = np.asarray(input_grads(batch['image'], batch['label'], jax.random.fold_in(g_key, i)))
-    g = g[np.asarray(batch['mask'])].reshape(int(np.sum(batch['mask'])), -1)
+    mask = np.asarray(batch['mask'])
+    batch = crafters.shard(batch)
+    g = parallel.to_numpy(input_grads(batch['image'], batch['label'],
+                                      jax.random.fold_in(g_key, i)))
+    g = g[mask].reshape(int(np.sum(mask)), -1)
     nan += int(np.sum(~np.all(np.isfinite(g), axis=1)))
     zero += int(np.sum(np.all(g == 0, axis=1)))
     total += len(g)
@@ -472,8 +495,8 @@ def run_checks(config, spec, images, labels, d_rows, per_example, scorer, crafte
                     + (' (use BPDA or gradient-free attacks)' if zero / total > 0.01 else '')))
 
   # 8. Randomness detected iff the defense is declared stochastic (AutoAttack: 5 passes).
-  x0 = clean_batches[0]
-  outs = [np.asarray(jax.jit(logits_fn)(x0, k)) for k in jax.random.split(next(keys), 5)]
+  x0 = crafters.shard(clean_batches[0])
+  outs = [parallel.to_numpy(jax.jit(logits_fn)(x0, k)) for k in jax.random.split(next(keys), 5)]
   varies = any(np.max(np.abs(o - outs[0])) > 1e-4 for o in outs[1:])
   out.append(_check(defense, 'randomness_detected', 'pass' if varies == stochastic else 'fail',
                     f'logits {"vary" if varies else "do not vary"} over 5 passes; the defense is '
@@ -489,10 +512,11 @@ def run_checks(config, spec, images, labels, d_rows, per_example, scorer, crafte
     run = jax.jit(lambda x, y, k: fn(frozen_fn, k, x, y, eps=eps, **kwargs))
     correct, attack_key = [], next(keys)
     for i, batch in enumerate(data_lib.eval_batches(images, labels, e.batch_size)):
+      mask = np.asarray(batch['mask'])
+      batch = crafters.shard(batch)
       x_adv = run(batch['image'], batch['label'], jax.random.fold_in(attack_key, i))
       pred = jnp.argmax(frozen_fn(x_adv, None), -1)
-      correct.append(np.asarray((pred == batch['label']) & batch['mask'])[np.asarray(
-          batch['mask'])])
+      correct.append(parallel.to_numpy((pred == batch['label']) & batch['mask'])[mask])
     frozen_acc = float(np.mean(np.concatenate(correct)))
     base = None
     if undefended_rows:

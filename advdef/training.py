@@ -1,12 +1,15 @@
 """Training: optimizers and schedules from config, TrainState, jitted train/eval steps, the loop.
 
 The loop keeps the whole training set on the device and draws each batch inside the jitted
-step (advdef.data.train_batch), so there is no host transfer per step. All randomness comes
+step (advdef.data.train_batch), so there is no host transfer per step. Data parallel over
+`config.parallel.num_devices` devices (advdef.parallel): the data set and the state are
+replicated, each drawn batch is split over the mesh's 'data' axis, and XLA all-reduces
+the gradients; results match one device up to floating-point reassociation. All randomness comes
 from `fold_in(stream_key, step)`, so a run resumed from a checkpoint replays exactly the
 steps an uninterrupted run would have taken.
 
   state = create_train_state(key, model, tx, input_shape)
-  step_fn = make_train_step(model, tx, ...)          # jitted once, state donated
+  step_fn = make_train_step(model, tx, ..., mesh=mesh)  # jitted once, state donated
   state, metrics = step_fn(state, images_u8, labels, perm, train_key)
 """
 
@@ -29,6 +32,7 @@ from advdef import checkpointing
 from advdef import config_utils
 from advdef import data as data_lib
 from advdef import metric_writers
+from advdef import parallel
 from advdef import retrofit
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
@@ -117,11 +121,14 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
 
 def make_train_step(model: nn.Module, tx, *, batch_size: int, steps_per_epoch: int,
                     crop_padding: int = 0, flip: bool = False, label_smoothing: float = 0.0,
-                    train_defense: str = 'none') -> Callable:
+                    train_defense: str = 'none', mesh=None) -> Callable:
   """Returns the jitted train step (state donated).
 
   step(state, images_u8 [N,H,W,C], labels [N], perm int32[N], train_key) -> (state, metrics)
   The batch is perm[(step % steps_per_epoch) * B : ...], augmented from fold_in(key, step).
+  With a mesh (advdef.parallel), the drawn batch is split over its 'data' axis (B must be a
+  multiple of the device count) and the new state and metrics come back replicated; pass
+  the state and data set replicated (parallel.replicate).
   """
   hook = retrofit.build_hook(train_defense, training=True, field='train.defense')
   train_model = model.clone(hook=hook)
@@ -131,6 +138,8 @@ def make_train_step(model: nn.Module, tx, *, batch_size: int, steps_per_epoch: i
     aug_key, dropout_key, defense_key = jax.random.split(step_key, 3)
     x, y = data_lib.train_batch(images, labels, perm, state.step % steps_per_epoch, aug_key,
                                 batch_size=batch_size, crop_padding=crop_padding, flip=flip)
+    if mesh is not None:
+      x, y = parallel.constrain_batch((x, y), mesh)
 
     def loss_fn(params):
       variables = {'params': params}
@@ -152,7 +161,9 @@ def make_train_step(model: nn.Module, tx, *, batch_size: int, steps_per_epoch: i
     metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == y)}
     return new_state, metrics
 
-  return jax.jit(step_fn, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(step_fn, donate_argnums=0)
+  return jax.jit(step_fn, donate_argnums=0, out_shardings=parallel.replicated(mesh))
 
 
 def make_eval_step(model: nn.Module) -> Callable:
@@ -167,13 +178,19 @@ def make_eval_step(model: nn.Module) -> Callable:
   return jax.jit(eval_fn)
 
 
-def evaluate_clean(eval_step, variables, images, labels, batch_size) -> dict[str, float]:
-  """Exact clean accuracy and mean loss over a split (the last batch padded and masked)."""
+def evaluate_clean(eval_step, variables, images, labels, batch_size,
+                   mesh=None) -> dict[str, float]:
+  """Exact clean accuracy and mean loss over a split (the last batch padded and masked).
+
+  With a mesh, each batch is split over its devices (variables replicated on it).
+  """
   totals = None
   for batch in data_lib.eval_batches(images, labels, batch_size):
+    if mesh is not None:
+      batch = parallel.shard_batch(batch, mesh)
     out = eval_step(variables, batch['image'], batch['label'], batch['mask'])
     totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
-  totals = jax.device_get(totals)
+  totals = parallel.to_numpy(totals)
   count = int(totals['count'])
   return {'accuracy': float(totals['correct']) / count, 'loss': float(totals['loss']) / count,
           'n': count}
@@ -190,11 +207,16 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
                        progress: bool = True) -> tuple[TrainState, dict[str, Any]]:
   """Trains `model` per `config.train`, resuming from `workdir`'s latest checkpoint.
 
-  Returns the final state and a summary dict (steps, final train/test metrics, wall time).
+  Returns the final state (replicated over the `config.parallel` mesh) and a summary dict
+  (steps, final train/test metrics, wall time).
   """
   tc = config.train
   info = splits.info
   spe = data_lib.steps_per_epoch(info.num_train, tc.batch_size)  # raises if batch > data
+  mesh = parallel.mesh_from_config(config)  # Before any compute: bad device counts fail here.
+  parallel.check_divisible(tc.batch_size, mesh, 'train.batch_size')
+  parallel.check_divisible(config.eval.batch_size, mesh, 'eval.batch_size')
+  logging.info('Training on a %s', parallel.describe(mesh))
   total_steps = tc.num_epochs * spe
   ckpt = checkpointing.Checkpointer(f'{workdir}/checkpoints', keep=tc.keep_checkpoints,
                                     fingerprint=fingerprint(config, info))
@@ -202,7 +224,8 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
   tx = create_optimizer(tc, spe)
   root = jax.random.key(config.seed)
   init_key, train_key, data_key = (jax.random.fold_in(root, i) for i in range(3))
-  state = create_train_state(init_key, model, tx, info.image_shape)
+  # Replicated before the restore: orbax restores into the target's sharding.
+  state = parallel.replicate(create_train_state(init_key, model, tx, info.image_shape), mesh)
   start = ckpt.latest_step()
   if start is not None:
     state = ckpt.restore(start, target=state)
@@ -211,15 +234,18 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
   if writer is not None:
     writer.truncate_after(start)
 
-  images = jax.device_put(splits.train_images)
-  labels = jax.device_put(splits.train_labels.astype(np.int32))
-  test_images = jax.device_put(splits.test_images)
-  test_labels = jax.device_put(splits.test_labels.astype(np.int32))
+  # The whole data set on every device: each step gathers its batch inside jit.
+  images = parallel.replicate(splits.train_images, mesh)
+  labels = parallel.replicate(splits.train_labels.astype(np.int32), mesh)
+  test_images = parallel.replicate(splits.test_images, mesh)
+  test_labels = parallel.replicate(splits.test_labels.astype(np.int32), mesh)
   step_fn = make_train_step(model, tx, batch_size=tc.batch_size, steps_per_epoch=spe,
                             crop_padding=tc.augment.crop_padding, flip=tc.augment.flip,
-                            label_smoothing=tc.label_smoothing, train_defense=tc.defense)
+                            label_smoothing=tc.label_smoothing, train_defense=tc.defense,
+                            mesh=mesh)
   eval_step = make_eval_step(model)
-  permute = jax.jit(data_lib.epoch_permutation, static_argnums=2)
+  permute = jax.jit(data_lib.epoch_permutation, static_argnums=2,
+                    out_shardings=parallel.replicated(mesh))
   ckpt_every = tc.checkpoint_every_epochs * spe
 
   bar = metric_writers.ProgressBar(total=total_steps, initial=start, enabled=progress,
@@ -253,7 +279,7 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
         scalars['train/learning_rate'] = float(make_schedule(tc, spe)(step - 1))
         if end_of_epoch and ((step // spe) % tc.eval_every_epochs == 0 or step == total_steps):
           test = evaluate_clean(eval_step, variables_of(state), test_images, test_labels,
-                                config.eval.batch_size)
+                                config.eval.batch_size, mesh)
           scalars.update({'test/accuracy': test['accuracy'], 'test/loss': test['loss']})
           bar.update(0, loss=means['loss'], test_acc=test['accuracy'])
           summary['final_test'] = test
@@ -269,7 +295,7 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
   summary['wall_seconds'] = time.time() - t0
   if 'final_test' not in summary:  # Nothing left to train (finished run, or num_epochs=0).
     summary['final_test'] = evaluate_clean(eval_step, variables_of(state), test_images,
-                                           test_labels, config.eval.batch_size)
+                                           test_labels, config.eval.batch_size, mesh)
   return state, summary
 
 
