@@ -172,6 +172,34 @@ def base_config() -> ml_collections.ConfigDict:
       eot_samples=10,
       single_draw_baseline=False,  # also attack stochastic defenses with 1 draw per step
       num_attack_examples=0,    # 0 = same as num_examples
-      checks=True)
+      checks=True,
+      # In-graph sweep of one defense hyperparameter (advdef.sweeps); defense='' = off.
+      # values: the grid; fixed: the other hyperparameters, e.g. 'surrogate=relu'.
+      sweep=dict(defense='', param='', values=(), fixed='', attack='pgd(steps=10)',
+                 epsilon=0.1))
   c.report = dict(tensorboard=True)
+  # Data parallelism, see advdef.parallel: batches split over num_devices (0 = all).
+  c.parallel = dict(num_devices=0, distributed=False, coordinator_address='',
+                    num_processes=0, process_id=-1)
   return c
+
+
+def cifar10_data(c: ml_collections.ConfigDict, source: str) -> None:
+  """Points c.data at CIFAR-10: TFDS, or the partial npz beside the repo on dev machines."""
+  check_choice('source', source, ('tfds', 'npz'))
+  if source == 'npz':
+    c.data.update(source='npz', name='cifar10_partial', path='../shared/data/cifar10_partial.npz')
+  else:
+    c.data.update(source='tfds', name='cifar10')
+
+
+def cifar10_smoke(c: ml_collections.ConfigDict, *, num_train=64, num_test=32,
+                  batch_size=32) -> None:
+  """Shrinks a CIFAR-10 config to a few steps on fake CIFAR-shaped data (tests and CI)."""
+  c.data.update(source='fake', name='cifar10_shaped', fake_shape=(32, 32, 3),
+                fake_num_train=num_train, fake_num_test=num_test)
+  c.train.update(num_epochs=1, batch_size=batch_size, log_every_steps=1)
+  c.eval.update(batch_size=batch_size, num_draws=2, eot_samples=2, num_attack_examples=8,
+                epsilons=(8 / 255,))
+  if c.eval.attacks:
+    c.eval.attacks = ('pgd(steps=2)',)

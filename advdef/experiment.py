@@ -76,6 +76,10 @@ def validate_config(config) -> None:
                              field=f'eval.defenses[{i}]')
   from advdef import robustness  # Attacks are optional to import for clean-only use.
   robustness.validate_eval_config(e)
+  # --- sweeps: eval.sweep (advdef.sweeps) ---
+  from advdef import sweeps
+  sweeps.validate_sweep_config(e)
+  # --- end sweeps ---
 
 
 @dataclasses.dataclass
@@ -119,6 +123,10 @@ def prepare(config, workdir: str | None = None) -> tuple[data_lib.Splits, nn.Mod
     retrofit.validate_for_model(spec, model, splits.info.image_shape, field=f'eval.defenses[{i}]')
   retrofit.validate_for_model(config.train.defense, model, splits.info.image_shape,
                               field='train.defense')
+  # --- sweeps: the swept defense's sites= glob must match this model ---
+  from advdef import sweeps
+  sweeps.validate_for_model(config.eval, model, splits.info.image_shape)
+  # --- end sweeps ---
   return splits, model
 
 
@@ -165,7 +173,12 @@ def evaluate_run(config, model, variables, splits) -> dict[str, Any]:
                                         jax.random.fold_in(eval_key, 0))
   attack_rows, checks = robustness.evaluate_attacks(config, model, variables, images, labels,
                                                     jax.random.fold_in(eval_key, 1), rows)
-  return {
+  # --- sweeps: eval.sweep in one compiled call (advdef.sweeps) ---
+  from advdef import sweeps
+  sweep_rows = sweeps.evaluate_sweeps(config, model, variables, images, labels,
+                                      jax.random.fold_in(eval_key, 2))
+  # --- end sweeps ---
+  report = {
       'advdef_version': advdef.__version__,
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
       'config': config_utils.to_dict(config),
@@ -175,6 +188,9 @@ def evaluate_run(config, model, variables, splits) -> dict[str, Any]:
       'checks': checks,
       'notes': [],
   }
+  if sweep_rows:  # --- sweeps ---
+    report['sweeps'] = sweep_rows
+  return report
 
 
 def load_run(workdir: str) -> Run:

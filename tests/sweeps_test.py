@@ -1,0 +1,348 @@
+"""Sweeps: the in-graph hyperparameter sweep (advdef.sweeps) equals a loop of separate
+evaluations and traces once; quickstart `smoke,sweep` writes the sweep table and plot; the
+config-sweep CLI (advdef.sweep) runs, skips finished points, shards, gathers and rejects bad
+input before compute."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from advdef import config_utils
+from advdef import data as data_lib
+from advdef import evaluation
+from advdef import experiment
+from advdef import models
+from advdef import retrofit
+from advdef import sweep as sweep_cli
+from advdef import sweeps
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _quickstart(arg):
+  spec = importlib.util.spec_from_file_location('quickstart', ROOT / 'configs' / 'quickstart.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module, module.get_config(arg)
+
+
+def _eval_config(**sweep):
+  e = config_utils.base_config().eval
+  e.update(num_draws=2, eot_samples=2)
+  e.sweep.update(sweep)
+  return e
+
+
+@pytest.fixture(scope='module')
+def setup():
+  """An initialised small_cnn (no training: equality does not need a good model) and 40
+  digits test images, i.e. two batches of 32, the second padded."""
+  splits = data_lib.load_dataset(config_utils.base_config().data)
+  info = splits.info
+  model = models.create_model('small_cnn', num_classes=info.num_classes, mean=info.mean,
+                              std=info.std)
+  variables = model.init({'params': jax.random.key(0)},
+                         jnp.zeros((1, *info.image_shape)), train=False)
+  return model, variables, splits.test_images[:40], splits.test_labels[:40].astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------
+# In-graph sweep.
+
+
+def test_jump_grid_equals_a_loop_of_separate_runs_and_traces_once(setup):
+  model, variables, images, labels = setup
+  # Four values: sharded over the four test devices (conftest), one value per device.
+  spec = sweeps.parse_sweep_config(_eval_config(
+      defense='jump', param='kappa', values=(0.0, 0.3, 0.6, 1.2), attack='pgd(steps=2)',
+      epsilon=0.1))
+  assert not spec.stochastic
+  key = jax.random.key(7)
+  evaluator = sweeps.SweepEvaluator(model, variables, spec)
+  assert evaluator.mesh is not None and evaluator.mesh.axis_names == ('grid',)
+  clean, robust = evaluator.accuracies(images, labels, key, batch_size=32)
+  # Two batches (the second padded), four values: one trace.
+  assert evaluator.trace_count == 1
+  loop_clean, loop_robust = sweeps.separate_accuracies(model, variables, spec, images, labels,
+                                                       key, batch_size=32)
+  np.testing.assert_array_equal(clean, loop_clean)
+  np.testing.assert_array_equal(robust, loop_robust)
+  assert np.all(robust <= clean + 1e-9) and len(set(clean.tolist())) > 1
+  # Clean accuracy also agrees with the report's own clean evaluation of the spec.
+  hook = retrofit.build_hook('jump(kappa=0.6)')
+  predict = evaluation.make_predict_fn(retrofit.make_logits_fn(model, variables, hook),
+                                       stochastic=False, num_draws=1)
+  row = evaluation.score_predictions(predict, images, labels, 32, key, stochastic=False)
+  assert row['accuracy'] == pytest.approx(clean[2], abs=1e-12)
+
+
+@pytest.mark.parametrize('defense,param,values,fixed,num_devices', [
+    # SAP at the dense layer's 128 units only (the sampler's cost grows with the units);
+    # two values on four devices: not sharded, plain vmap.
+    ('sap', 'frac', (1.0, 0.5), 'sites=act3', 4),
+    # Two values on two devices: sharded, one value per device.
+    ('rse', 'sigma_inner', (0.0, 0.1), 'sigma_init=0.05', 2),
+])
+def test_stochastic_grid_equals_a_loop_of_separate_runs(setup, defense, param, values, fixed,
+                                                        num_devices):
+  model, variables, images, labels = setup
+  images, labels = images[:24], labels[:24]
+  spec = sweeps.parse_sweep_config(_eval_config(
+      defense=defense, param=param, values=values, fixed=fixed, attack='fgsm', epsilon=0.1))
+  assert spec.stochastic and spec.attack_label == 'fgsm+eot2'
+  key = jax.random.key(11)
+  evaluator = sweeps.SweepEvaluator(model, variables, spec, devices=jax.devices()[:num_devices])
+  assert (evaluator.mesh is not None) == (num_devices == 2)
+  clean, robust = evaluator.accuracies(images, labels, key, batch_size=16)
+  assert evaluator.trace_count == 1
+  loop_clean, loop_robust = sweeps.separate_accuracies(model, variables, spec, images, labels,
+                                                       key, batch_size=16)
+  # Same keys, same draws: equal up to float reassociation between the batched and the
+  # single-value graphs (at most one example of 24 may flip on a near tie).
+  np.testing.assert_allclose(clean, loop_clean, atol=1 / 24 + 1e-9)
+  np.testing.assert_allclose(robust, loop_robust, atol=1 / 24 + 1e-9)
+
+
+def test_sweep_row_follows_the_report_schema():
+  from advdef import reporting
+  spec = sweeps.parse_sweep_config(_eval_config(
+      defense='jump', param='kappa', values=(0.0, 0.5), fixed='surrogate=relu',
+      attack='pgd(steps=3)', epsilon=0.1))
+  row = sweeps.sweep_row(spec, [0.9, 0.8], [0.5, 0.6])
+  assert row['defense'] == 'jump(surrogate=relu)' and row['attack'] == 'pgd(steps=3)'
+  report = reporting.new_report(config={}, dataset='d', model='m')
+  report['sweeps'] = [row]
+  reporting.validate_report(report)
+
+
+J = dict(defense='jump', param='kappa', values=(0.1,))  # A valid sweep to spoil.
+
+
+@pytest.mark.parametrize('sweep,match', [
+    (dict(J, defense='jumpp'), r"eval\.sweep\.defense='jumpp'.*jump, sap, rse, noise"),
+    (dict(J, defense='none'), r'eval\.sweep\.defense'),
+    (dict(J, param='frac'), r"eval\.sweep\.param='frac'.*valid choices: kappa"),
+    (dict(J, defense='rse', param='sigma'), r'sigma_init, sigma_inner'),
+    (dict(J, values=()), r'eval\.sweep\.values.*non-empty'),
+    (dict(J, values=(0.1, float('nan'))), r'eval\.sweep\.values.*finite'),
+    (dict(J, values=(-0.5,)), r'eval\.sweep\.values.*>= 0'),
+    (dict(J, defense='sap', param='frac', values=(0.0, 0.5)), r'eval\.sweep\.values.*> 0'),
+    (dict(J, values=(0.1, 0.1)), r'duplicates'),
+    (dict(J, fixed='kappa=0.2'), r'eval\.sweep\.fixed.*swept'),
+    (dict(J, fixed='surrogate=tanh'), r'jump\.surrogate'),
+    (dict(J, fixed='colour=1'), r'eval\.sweep\.fixed.*bad arguments'),
+    (dict(J, defense='sap', param='frac', fixed='max_frac=1.0'), r'max_frac'),
+    (dict(J, attack='pgdd'), r'eval\.sweep\.attack.*unknown attack'),
+    (dict(J, attack='cw_l2'), r'minimum-perturbation'),
+    (dict(J, attack='pgd(steps=0)'), r'eval\.sweep\.attack'),
+    (dict(J, attack='pgd(eps=0.1)'), r'eval\.sweep\.attack'),
+    (dict(J, epsilon=1.5), r'eval\.sweep\.epsilon'),
+    (dict(J, epsilon=-0.1), r'eval\.sweep\.epsilon'),
+])
+def test_bad_sweep_config_fails_in_validate_config(sweep, match):
+  _, config = _quickstart('smoke,clean')
+  config.eval.sweep.update(sweep)
+  with pytest.raises(ValueError, match=match):
+    experiment.validate_config(config)
+
+
+def test_sites_glob_matching_nothing_fails_in_prepare():
+  _, config = _quickstart('smoke,clean,sweep')
+  config.eval.sweep.fixed = 'sites=nowhere*'
+  with pytest.raises(ValueError, match=r'eval\.sweep.*matches no act site'):
+    experiment.prepare(config)
+
+
+def test_disabled_sweep_is_a_no_op():
+  _, config = _quickstart('smoke')
+  assert config.eval.sweep.defense == ''
+  assert sweeps.parse_sweep_config(config.eval) is None
+
+
+def test_quickstart_smoke_sweep_end_to_end(tmp_path):
+  _, config = _quickstart('smoke,sweep')
+  assert config.eval.sweep.defense == 'jump' and len(config.eval.sweep['values']) == 10
+  # The rest of the suite is covered by experiment_test; keep this run to the sweep.
+  config.eval.update(defenses=('none',), attacks=(), checks=False)
+  report = experiment.run(config, str(tmp_path), progress=False)
+  (row,) = report['sweeps']
+  assert row['defense'] == 'jump' and row['param'] == 'kappa'
+  assert row['values'] == list(config.eval.sweep['values'])
+  assert row['attack'] == 'pgd(steps=3)' and row['epsilon'] == 0.1
+  assert all(0 <= a <= 1 for a in row['clean_accuracy'] + row['robust_accuracy'])
+  assert json.loads((tmp_path / 'report.json').read_text())['sweeps'] == [row]
+  assert '## Sweeps' in (tmp_path / 'report.md').read_text()
+  assert (tmp_path / 'sweep_jump_kappa.png').stat().st_size > 1000
+
+
+def test_benchmark_kappa_sweep_returns_the_documented_fields():
+  res = sweeps.benchmark_kappa_sweep(values=(0.0, 0.5), attack='pgd(steps=1)', num_examples=8,
+                                     batch_size=8)
+  assert {'in_graph_seconds', 'separate_seconds', 'ratio', 'num_points'} <= set(res)
+  assert res['num_points'] == 2 and res['counts_equal']
+  assert res['ratio'] == pytest.approx(res['separate_seconds'] / res['in_graph_seconds'])
+
+
+# ------------------------------------------------------------------------------------------
+# Config sweeps (python -m advdef.sweep).
+
+# A two-point smoke sweep (quickstart's get_sweep('smoke'): seeds 0 and 1), kept to one
+# defense and one cheap attack (its accuracy is then the worst case).
+CLI_OVERRIDES = ["--config.eval.defenses=('none',)", "--config.eval.attacks=('fgsm',)",
+                 '--config.eval.checks=False']
+
+
+def _smoke_sweep_config():
+  module, config = _quickstart('smoke,clean')
+  config.eval.update(defenses=('none',), attacks=('fgsm',), checks=False)
+  return config, module.get_sweep('smoke')
+
+
+def _cli(*args, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run([sys.executable, '-m', 'advdef.sweep', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_shard_then_gather_then_rerun_skips(tmp_path, capsys):
+  # Shard 1 of 2 through the command line: only the odd point runs.
+  result = _cli('--config=configs/quickstart.py:smoke,clean', f'--workdir={tmp_path}',
+                '--shard=1/2', *CLI_OVERRIDES)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (tmp_path / 'seed=1' / 'report.json').exists()
+  assert not (tmp_path / 'seed=0').exists()
+  assert not (tmp_path / 'sweep.json').exists()  # Not complete yet.
+  assert json.loads((tmp_path / 'seed=1' / 'sweep_point.json').read_text())['overrides'] == {
+      'seed': 1}
+
+  # Shard 0 of 2 in-process: the last point; the sweep is complete and gathered.
+  config, spec = _smoke_sweep_config()
+  res = sweep_cli.run_sweep(config, spec, str(tmp_path), shard=(0, 2))
+  assert res.ran == ['seed=0'] and not res.skipped and not res.failed
+  for name in ('sweep.json', 'sweep.md', 'sweep.png'):
+    assert (tmp_path / name).exists(), name
+  gathered = json.loads((tmp_path / 'sweep.json').read_text())
+  assert gathered['num_points'] == gathered['num_done'] == 2
+  assert [p['overrides'] for p in gathered['points']] == [{'seed': 0}, {'seed': 1}]
+  for p in gathered['points']:
+    assert set(p['clean_accuracy']) == {'none'}
+    assert sorted(w['epsilon'] for w in p['worst_case']) == [0.1, 0.3]
+  md = (tmp_path / 'sweep.md').read_text()
+  assert '| # | seed | status | none clean | none worst ε=0.1 | none worst ε=0.3 |' in md
+  assert md.count('| done |') == 2
+
+  # Rerun everything: both points are finished and skipped, their reports untouched.
+  mtimes = {p: (tmp_path / p / 'report.json').stat().st_mtime_ns for p in ('seed=0', 'seed=1')}
+  capsys.readouterr()
+  res = sweep_cli.run_sweep(config, spec, str(tmp_path))
+  assert res.ran == [] and res.skipped == ['seed=0', 'seed=1']
+  assert 'skip seed=0 (finished' in capsys.readouterr().err
+  assert mtimes == {p: (tmp_path / p / 'report.json').stat().st_mtime_ns for p in mtimes}
+
+  # A finished point made with another config is refused, not silently reused.
+  config.train.num_epochs = 1
+  with pytest.raises(sweep_cli.SweepError, match=r'different config \(train\.num_epochs: 2 -> 1'):
+    sweep_cli.run_sweep(config, spec, str(tmp_path))
+
+
+def test_cli_bad_shard_and_bad_grid_fail_before_compute(tmp_path):
+  result = _cli('--config=configs/quickstart.py:smoke', f'--workdir={tmp_path}', '--shard=2/2')
+  assert result.returncode == 2
+  assert 'advdef.sweep: error: --shard=2/2: i=2 must be in [0, 1]' in result.stderr
+  result = _cli('--config=configs/quickstart.py:smoke', f'--workdir={tmp_path}',
+                '--sweep=zip(seed=(0, 1), train.learning_rate=(0.1,))')
+  assert result.returncode == 2 and 'zip of unequal lengths' in result.stderr
+  assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize('shard', ['0/0', '1/1', '-1/2', '1', 'a/b'])
+def test_bad_shard(shard):
+  with pytest.raises(sweep_cli.SweepError, match='--shard'):
+    sweep_cli.parse_shard(shard)
+
+
+@pytest.mark.parametrize('spec,match', [
+    ('', 'empty'),
+    ('seed=()', 'empty tuple'),
+    ('seed=0', 'tuple of values'),
+    ('product()', 'at least one term'),
+    ('zip(seed=(0, 1), train.learning_rate=(0.1,))', r'zip of unequal lengths \(seed: 2, '
+     r'train\.learning_rate: 1'),
+    ('product(seed=(0, 1), seed=(2,))', "'seed' is set twice"),
+    ('seed=(0, 0)', 'same overrides'),
+    ('train.lr=(0.1,)', r"'train\.lr' names no field.*learning_rate"),
+    ('trian.learning_rate=(0.1,)', r"'trian' is not a section.*valid fields of the config"),
+    ('train=(1,)', 'is a section'),
+    ('seed=(0.5,)', r'override seed=0\.5'),
+    ('train.learning_rate=(-0.1,)', r'sweep point 0 \(learning_rate=-0\.1\): train\.learning_rate'),
+    ('eval.sweep.values=((),)', r'eval\.sweep\.values'),  # Validated like any config.
+    ('foo bar', 'expected field='),
+])
+def test_bad_grid_is_an_error_naming_it_before_compute(tmp_path, spec, match):
+  _, config = _quickstart('smoke,clean')
+  if spec.startswith('eval.sweep'):
+    config.eval.sweep.update(defense='jump', param='kappa')
+  with pytest.raises(sweep_cli.SweepError, match=match):
+    sweep_cli.run_sweep(config, spec, str(tmp_path / 'sweep'))
+  assert not (tmp_path / 'sweep').exists()
+
+
+def test_points_product_zip_and_names():
+  _, config = _quickstart('smoke,clean')
+  points = sweep_cli.make_points(
+      config, 'product(zip(train.learning_rate=(0.05, 0.1), train.num_epochs=(1, 2)), '
+      'seed=(0, 1, 2))')
+  assert [p.name for p in points[:4]] == [
+      'learning_rate=0.05,num_epochs=1,seed=0', 'learning_rate=0.05,num_epochs=1,seed=1',
+      'learning_rate=0.05,num_epochs=1,seed=2', 'learning_rate=0.1,num_epochs=2,seed=0']
+  assert len(points) == 6
+  assert points[3].config.train.learning_rate == 0.1 and points[3].config.train.num_epochs == 2
+  assert config.train.learning_rate == 0.05 and config.seed == 0  # The base is untouched.
+  # Ambiguous last components keep the whole field; tuples are compact.
+  p, = sweep_cli.make_points(config, "zip(train.batch_size=(32,), eval.batch_size=(32,), "
+                                     "eval.defenses=(('none', 'jump(kappa=0.5)'),))")
+  assert p.name == 'train.batch_size=32,eval.batch_size=32,defenses=(none,jump(kappa=0.5))'
+  assert p.config.eval.defenses == ('none', 'jump(kappa=0.5)')
+  # Explicit points from get_sweep.
+  points = sweep_cli.make_points(config, [{'seed': 3}, {'seed': 4, 'train.num_epochs': 1}])
+  assert [p.name for p in points] == ['seed=3', 'seed=4,num_epochs=1']
+
+
+def test_failed_point_is_recorded_and_gather_lists_missing(tmp_path):
+  """With a stand-in for experiment.run: one point fails, one succeeds, one is in another
+  shard; --gather then writes the summary with each status."""
+  _, config = _quickstart('smoke,clean')
+
+  def fake_run(config, workdir, *, progress, prepared):
+    del progress, prepared
+    if config.train.learning_rate > 1:
+      raise FloatingPointError('loss is NaN')
+    report = {'config': config_utils.to_dict(config), 'wall_seconds': 1.0, 'rows': [
+        {'defense': 'none', 'attack': 'none', 'norm': None, 'epsilon': None, 'accuracy': 0.9},
+        {'defense': 'none', 'attack': 'pgd', 'norm': 'linf', 'epsilon': 0.1, 'accuracy': 0.4}]}
+    pathlib.Path(workdir, 'report.json').write_text(json.dumps(report))
+
+  spec = 'train.learning_rate=(0.05, 5.0, 0.1)'
+  res = sweep_cli.run_sweep(config, spec, str(tmp_path), shard=(0, 2), run_fn=fake_run)
+  assert res.ran == ['learning_rate=0.05', 'learning_rate=0.1'] and res.failed == []
+  assert not res.gathered
+  res = sweep_cli.run_sweep(config, spec, str(tmp_path), shard=(1, 2), run_fn=fake_run)
+  assert res.failed == ['learning_rate=5.0'] and not res.gathered
+  res = sweep_cli.run_sweep(config, spec, str(tmp_path), gather=True)
+  assert res.ran == [] and len(res.gathered) == 3
+  points = json.loads((tmp_path / 'sweep.json').read_text())['points']
+  assert [p['status'] for p in points] == ['done', 'failed', 'done']
+  assert 'loss is NaN' in points[1]['error']
+  assert points[0]['worst_case'] == [{'defense': 'none', 'norm': 'linf', 'epsilon': 0.1,
+                                      'accuracy': 0.4}]
+  md = (tmp_path / 'sweep.md').read_text()
+  assert 'failed: FloatingPointError: loss is NaN' in md and md.count('| done |') == 2
