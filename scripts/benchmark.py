@@ -1,0 +1,1356 @@
+"""advdef's benchmark suite: one run, one table, one JSON.
+
+  python scripts/benchmark.py [--quick | --tiny] [--skip-peers] [--out FILE.json]
+
+What it measures (advdef jitted and warmed up, against peers on the SAME architecture, batch,
+float32 precision and step count):
+
+  1 pgd      PGD-20 L-inf throughput (images/s) on ResNet-20 at CIFAR shape (32x32x3) and on
+             lenet_like at MNIST shape (28x28x1): advdef vs a plain PyTorch loop, torchattacks'
+             PGD, and foolbox 3.3.4 on its JAX backend (eager, the model's forward jitted).
+  2 train    Training throughput (images/s) of one SGD step (momentum, weight decay, BatchNorm
+             in train mode) on the same two models: advdef's `training.make_train_step` vs
+             PyTorch.
+  3 sap      SAP-100 forward+backward (gradient w.r.t. the input, the pass an attack runs) over
+             the undefended ResNet-20; and advdef's exact SAP on one 32x32x16 layer against a
+             naive host sampler like the authors' MXNet operator (numpy
+             `rng.choice(n, size=r, replace=True, p=p)` per example, on the host).
+  4 eot      EOT-k PGD on ResNet-20 with RSE noise: advdef's vectorised EOT (`eot_samples=k`)
+             vs a sequential Python loop of k jitted gradient passes per step (how AutoAttack,
+             torchattacks and foolbox do EOT), and torchattacks' EOTPGD on the same noisy model.
+  5 sweep    A JumpReLU kappa sweep (10 values) in one vmapped compiled call vs 10 separately
+             jitted calls (`advdef.sweeps.benchmark_kappa_sweep`; inline fallback when absent).
+  6 compile  Compile time of the train step and of PGD-20 (lower+compile, and first call minus
+             the steady-state median).
+  7 flops    Achieved FLOP/s of a train step and of one PGD step (FLOPs from XLA's
+             `cost_analysis()` of the compiled step) as a fraction of the machine's measured
+             float32 matmul peak (the best of several large matmuls in this run).
+
+Method. Every timed function is compiled (advdef) or built (peers) and run once as a warm-up;
+then `repeats` rounds run every candidate of a comparison once each, in rotating order, so
+load from other processes hits all candidates alike; the table reports medians. Model
+parameters are arguments of the jitted functions, never closed-over constants. PyTorch runs
+in a subprocess (scripts/peer_reference.py) in an isolated virtual environment with
+`torch.set_num_threads` equal to the cores JAX uses; its models are checked to give advdef's
+logits for advdef's weights before anything is timed. Its OpenMP threads run with
+OMP_WAIT_POLICY=PASSIVE (`--torch-omp-wait-policy`): with the spinning default, PyTorch ran
+10-100x slower on a 2-core machine shared with other processes. On a GPU the same script times
+the GPU (results blocked on, `torch.cuda.synchronize`), with TF32 off on both sides.
+
+Rows marked (diag) are diagnostics, not peers and not used for targets: the very step of
+advdef's PGD (or vectorised EOT) jitted alone and called from a Python loop, which separates
+the cost of the step from the cost of running it inside `lax.fori_loop`.
+
+Peers are installed by this script, never into advdef's environment (nor requirements.txt):
+  <bench home>/torch-venv      a clean venv: torch==2.13.0, torchattacks==3.5.1 (--no-deps:
+                               its torchvision requirement is never imported and would pin
+                               another torch), numpy, scipy, tqdm, requests.
+  <bench home>/foolbox-site    foolbox==3.3.4, eagerpy==0.30.0, GitPython (--no-deps, via
+                               pip --target), appended to sys.path of a worker process that
+                               runs this script with `--foolbox-worker`, so foolbox drives the
+                               very jax/flax/advdef of this environment.
+<bench home> is $ADVDEF_BENCH_HOME or ~/.cache/advdef-bench. A peer that cannot be installed
+gets a row saying why. On a machine without a GPU the installer refuses a CUDA build of
+torch (pip's dry-run report is checked first).
+
+Modes: full (default; for a GPU or a long run), --quick (the same comparisons at small
+batches and fewer repeats; a few minutes on 2 CPU cores), --tiny (a smoke test for
+tests/benchmark_test.py: PreActResNet depth 2, i.e. its stem and head without residual
+units, instead of ResNet-20; batch 2; two kappas; one repeat).
+Targets (ratios measured in one run) are printed as PASS/MISS; they are reported, not tuned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import platform
+import queue
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # Run from a checkout without installing the package.
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from advdef import attacks  # noqa: E402
+from advdef import defenses  # noqa: E402
+from advdef import models  # noqa: E402
+from advdef import retrofit  # noqa: E402
+from advdef import training  # noqa: E402
+
+TORCH_VERSION = '2.13.0'
+TORCHATTACKS_VERSION = '3.5.1'
+FOOLBOX_PINS = ('foolbox==3.3.4', 'eagerpy==0.30.0', 'GitPython==3.1.45', 'gitdb==4.0.12',
+                'smmap==5.0.2')
+PEER_TIMEOUT_S = 1800.0
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+SHAPES = {'resnet20': (32, 32, 3), 'lenet_like': (28, 28, 1)}
+EPS = {'resnet20': 8 / 255, 'lenet_like': 0.3}
+
+# Sizes per mode. Every mode runs every comparison.
+MODES: dict[str, dict[str, Any]] = {
+    'full': dict(resnet_depth=20, pgd_steps=20, pgd_batch={'resnet20': 128, 'lenet_like': 256},
+                 train_batch={'resnet20': 128, 'lenet_like': 128}, sap_batch=128,
+                 sap_layer_batch=128, eot_k=10, eot_batch=32, eot_steps=10,
+                 sweep_examples=200, sweep_steps=10, sweep_points=10, repeats=5, matmul_n=4096),
+    'quick': dict(resnet_depth=20, pgd_steps=20, pgd_batch={'resnet20': 8, 'lenet_like': 32},
+                  train_batch={'resnet20': 16, 'lenet_like': 32}, sap_batch=8,
+                  sap_layer_batch=16, eot_k=4, eot_batch=4, eot_steps=5, sweep_examples=64,
+                  sweep_steps=5, sweep_points=10, repeats=3, matmul_n=2048),
+    'tiny': dict(resnet_depth=2, pgd_steps=2, pgd_batch={'resnet20': 2, 'lenet_like': 4},
+                 train_batch={'resnet20': 4, 'lenet_like': 4}, sap_batch=2, sap_layer_batch=2,
+                 eot_k=2, eot_batch=2, eot_steps=2, sweep_examples=8, sweep_steps=2,
+                 sweep_points=2, repeats=1, matmul_n=256),
+}
+KAPPAS = tuple(round(0.2 * i, 1) for i in range(10))
+
+# (key, description, op, threshold). Values are ratios > 1 = advdef better, except 'sap'.
+TARGETS = (
+    ('pgd/resnet20', 'PGD ResNet-20 vs fastest PyTorch (plain/torchattacks)', '>=', 1.5),
+    ('pgd/lenet_like', 'PGD lenet_like vs fastest PyTorch (plain/torchattacks)', '>=', 1.5),
+    ('train/resnet20', 'train step ResNet-20 vs PyTorch', '>=', 1.3),
+    ('train/lenet_like', 'train step lenet_like vs PyTorch', '>=', 1.3),
+    ('sap/overhead', 'SAP-100 fwd+bwd time / undefended (ResNet-20)', '<=', 2.0),
+    ('eot/speedup', 'vectorised EOT vs sequential loop of k passes', '>=', 1.2),
+    ('sweep/speedup', 'in-graph kappa sweep vs separately jitted runs (incl. compile)', '>=',
+     3.0),
+    ('flops/train_fraction', 'train step FLOP/s / measured matmul peak (ResNet-20)', '>=', 0.25),
+)
+
+
+def log(msg: str) -> None:
+  print(f'[benchmark {time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
+
+
+def median(xs):
+  return float(statistics.median(xs)) if xs else float('nan')
+
+
+def ratio(a, b):
+  """a / b, or None when either is missing or not positive."""
+  if a is None or b is None or not (a > 0 and b > 0):
+    return None
+  return float(a) / float(b)
+
+
+# ------------------------------------------------------------------------------------------
+# Machine description.
+
+
+def cpu_model() -> str:
+  try:
+    for line in Path('/proc/cpuinfo').read_text().splitlines():
+      if line.lower().startswith('model name'):
+        return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def num_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def describe_machine() -> dict[str, Any]:
+  import flax
+  import optax
+  dev = jax.devices()[0]
+  return {
+      'cpu_model': cpu_model(), 'cores_available': num_cores(), 'cpu_count': os.cpu_count(),
+      'load_average_start': list(os.getloadavg()), 'python': platform.python_version(),
+      'jax': jax.__version__, 'jaxlib': getattr(jax.lib, '__version__', None) or
+      _dist_version('jaxlib'), 'flax': flax.__version__, 'optax': optax.__version__,
+      'numpy': np.__version__, 'backend': jax.default_backend(), 'device_kind': dev.device_kind,
+      'device_count': jax.device_count(), 'platform': platform.platform(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  }
+
+
+def _dist_version(name):
+  try:
+    from importlib.metadata import version
+    return version(name)
+  except Exception:
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# Peer environments (isolated; never advdef's own environment).
+
+
+def bench_home(args) -> Path:
+  return Path(args.bench_home or os.environ.get('ADVDEF_BENCH_HOME') or
+              '~/.cache/advdef-bench').expanduser()
+
+
+def _run(cmd, timeout=1200, env=None) -> tuple[int, str]:
+  try:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return p.returncode, (p.stdout + p.stderr)[-3000:]
+  except subprocess.TimeoutExpired:
+    return 124, f'timed out after {timeout} s: {" ".join(map(str, cmd))}'
+  except OSError as e:
+    return 1, f'{type(e).__name__}: {e}'
+
+
+def _last_line(text: str) -> str:
+  lines = [l for l in text.strip().splitlines() if l.strip()]
+  return lines[-1][:300] if lines else ''
+
+
+def ensure_torch_env(home: Path, on_gpu: bool) -> tuple[str | None, dict[str, Any]]:
+  """Creates (once) the clean torch venv. Returns (python path or None, status)."""
+  venv = home / 'torch-venv'
+  py = venv / 'bin' / 'python'
+  marker = venv / 'advdef-bench.json'
+  status: dict[str, Any] = {'env': str(venv)}
+  if marker.exists() and py.exists():
+    state = json.loads(marker.read_text())
+    if (state.get('torch_pin') == TORCH_VERSION and
+        state.get('torchattacks') == TORCHATTACKS_VERSION):
+      status.update(state, installed_now=False)
+      return str(py), status
+  t0 = time.time()
+  if not (marker.exists() and py.exists()):
+    shutil.rmtree(venv, ignore_errors=True)
+    home.mkdir(parents=True, exist_ok=True)
+    rc, out = _run([sys.executable, '-m', 'venv', str(venv)], timeout=300)
+    if rc:
+      return None, dict(status, reason=f'python -m venv failed: {_last_line(out)}')
+    pip = [str(py), '-m', 'pip', 'install', '--disable-pip-version-check']
+    # Resolve first: without a GPU, refuse a CUDA build of torch (GBs of nvidia wheels).
+    report = venv / 'torch-dry-run.json'
+    rc, out = _run(pip + ['--dry-run', '--quiet', '--report', str(report),
+                          f'torch=={TORCH_VERSION}'], timeout=600)
+    if rc:
+      return None, dict(status, reason=f'pip cannot resolve torch=={TORCH_VERSION}: '
+                                       f'{_last_line(out)}')
+    items = json.loads(report.read_text()).get('install', [])
+    names = [i['metadata']['name'].lower() for i in items]
+    torch_item = [i for i in items if i['metadata']['name'].lower() == 'torch']
+    torch_v = torch_item[0]['metadata']['version'] if torch_item else '?'
+    cuda = any(n.startswith('nvidia') for n in names) or ('+cpu' not in torch_v and
+                                                          sys.platform == 'linux')
+    if cuda and not on_gpu:
+      return None, dict(status, reason=(
+          f'pip resolves torch=={TORCH_VERSION} to a CUDA build ({torch_v}, '
+          f'{sum(n.startswith("nvidia") for n in names)} nvidia wheels) on a machine without a '
+          'GPU; refused. Put the CPU wheel (torch-2.13.0+cpu) in pip\'s find-links and rerun.'))
+    rc, out = _run(pip + [f'torch=={TORCH_VERSION}', 'numpy'], timeout=1800)
+    if rc:
+      return None, dict(status, reason=f'pip install torch=={TORCH_VERSION} failed: '
+                                       f'{_last_line(out)}')
+    rc, out = _run([str(py), '-c', 'import torch; print(torch.__version__)'], timeout=300)
+    if rc:
+      return None, dict(status, reason=f'import torch failed: {_last_line(out)}')
+    marker.write_text(json.dumps({'torch_pin': TORCH_VERSION, 'torch': out.strip()}))
+  state = json.loads(marker.read_text())
+  pip = [str(py), '-m', 'pip', 'install', '--disable-pip-version-check']
+  rc, out = _run(pip + ['--no-deps', f'torchattacks=={TORCHATTACKS_VERSION}'], timeout=600)
+  if rc == 0:
+    rc, out = _run(pip + ['scipy', 'tqdm', 'requests'], timeout=900)
+  if rc == 0:
+    rc, out = _run([str(py), '-c', 'import torchattacks; print(torchattacks.__version__)'])
+  if rc == 0:
+    state['torchattacks'] = TORCHATTACKS_VERSION
+    state.pop('torchattacks_error', None)
+  else:
+    state['torchattacks_error'] = _last_line(out)
+  marker.write_text(json.dumps(state))
+  status.update(state, installed_now=True, install_seconds=time.time() - t0)
+  return str(py), status
+
+
+def ensure_foolbox_site(home: Path) -> tuple[str | None, dict[str, Any]]:
+  """pip --target install of foolbox + eagerpy (no deps) for the foolbox worker."""
+  site = home / 'foolbox-site'
+  marker = site / 'advdef-bench.json'
+  status: dict[str, Any] = {'site': str(site)}
+  if marker.exists() and json.loads(marker.read_text()).get('pins') == list(FOOLBOX_PINS):
+    return str(site), dict(status, installed_now=False)
+  shutil.rmtree(site, ignore_errors=True)
+  t0 = time.time()
+  rc, out = _run([sys.executable, '-m', 'pip', 'install', '--disable-pip-version-check',
+                  '--no-deps', '--target', str(site), *FOOLBOX_PINS], timeout=900)
+  if rc:
+    return None, dict(status, reason=f'pip install {" ".join(FOOLBOX_PINS)} failed: '
+                                     f'{_last_line(out)}')
+  marker.write_text(json.dumps({'pins': list(FOOLBOX_PINS)}))
+  return str(site), dict(status, installed_now=True, install_seconds=time.time() - t0)
+
+
+class PeerError(RuntimeError):
+  pass
+
+
+class Peer:
+  """A JSON-lines subprocess (peer_reference.py --serve, or this script's foolbox worker)."""
+
+  def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None):
+    self.name = name
+    self.stderr = tempfile.TemporaryFile(mode='w+')
+    self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=self.stderr, text=True, bufsize=1, env=env)
+    self.lines: queue.Queue = queue.Queue()
+    threading.Thread(target=self._read, daemon=True).start()
+
+  def _read(self):
+    for line in self.proc.stdout:
+      self.lines.put(line)
+    self.lines.put(None)
+
+  def stderr_tail(self) -> str:
+    self.stderr.seek(0)
+    return self.stderr.read()[-2000:]
+
+  def ask(self, timeout=PEER_TIMEOUT_S, **cmd) -> dict[str, Any]:
+    if self.proc.poll() is not None:
+      raise PeerError(f'{self.name} exited ({self.proc.returncode}): {self.stderr_tail()}')
+    self.proc.stdin.write(json.dumps(cmd) + '\n')
+    self.proc.stdin.flush()
+    while True:
+      try:
+        line = self.lines.get(timeout=timeout)
+      except queue.Empty:
+        raise PeerError(f'{self.name}: no answer to {cmd["op"]} within {timeout} s') from None
+      if line is None:
+        raise PeerError(f'{self.name} exited: {self.stderr_tail()}')
+      line = line.strip()
+      if line.startswith('{'):
+        out = json.loads(line)
+        break
+    if not out.get('ok'):
+      raise PeerError(f'{self.name}: {out.get("error")}')
+    return out
+
+  def close(self):
+    try:
+      if self.proc.poll() is None:
+        self.ask(op='quit', timeout=30)
+        self.proc.wait(timeout=30)
+    except Exception:
+      self.proc.kill()
+
+
+class Peers:
+  """The torch server and the foolbox worker, with a status line for each peer."""
+
+  def __init__(self, args, on_gpu: bool):
+    self.torch: Peer | None = None
+    self.foolbox: Peer | None = None
+    self.status: dict[str, dict[str, Any]] = {}
+    if args.skip_peers:
+      for name in ('torch', 'torchattacks', 'foolbox'):
+        self.status[name] = {'status': 'skipped', 'reason': '--skip-peers'}
+      return
+    home = bench_home(args)
+    threads = num_cores()
+    py, st = ensure_torch_env(home, on_gpu)
+    if py is None:
+      self.status['torch'] = dict(st, status='unavailable')
+      self.status['torchattacks'] = {'status': 'unavailable', 'reason': 'no torch environment'}
+    else:
+      env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+      if args.torch_omp_wait_policy != 'default':
+        env['OMP_WAIT_POLICY'] = args.torch_omp_wait_policy.upper()
+      env.pop('PYTHONPATH', None)
+      self.torch = Peer('torch', [py, str(REPO / 'scripts' / 'peer_reference.py'), '--serve',
+                                  '--threads', str(threads), '--device',
+                                  'cuda' if on_gpu else 'cpu'], env=env)
+      try:
+        info = self.torch.ask(op='info', timeout=600)
+        self.status['torch'] = dict(st, status='ok', omp_wait_policy=args.torch_omp_wait_policy,
+                                    **{k: v for k, v in info.items() if k != 'ok'})
+        if 'torchattacks' in info:
+          self.status['torchattacks'] = {'status': 'ok', 'version': info['torchattacks']}
+        else:
+          self.status['torchattacks'] = {
+              'status': 'unavailable',
+              'reason': info.get('torchattacks_error') or st.get('torchattacks_error')}
+      except PeerError as e:
+        self.status['torch'] = dict(st, status='unavailable', reason=str(e))
+        self.status['torchattacks'] = {'status': 'unavailable', 'reason': 'torch failed'}
+        self.torch = None
+    if args.no_foolbox:
+      self.status['foolbox'] = {'status': 'skipped', 'reason': '--no-foolbox'}
+      return
+    site, st = ensure_foolbox_site(home)
+    if site is None:
+      self.status['foolbox'] = dict(st, status='unavailable')
+      return
+    env = dict(os.environ, ADVDEF_BENCH_FOOLBOX_SITE=site)
+    self.foolbox = Peer('foolbox', [sys.executable, str(Path(__file__).resolve()),
+                                    '--foolbox-worker'], env=env)
+    try:
+      info = self.foolbox.ask(op='info', timeout=600)
+      self.status['foolbox'] = dict(st, status='ok', **{k: v for k, v in info.items()
+                                                          if k != 'ok'})
+    except PeerError as e:
+      self.status['foolbox'] = dict(st, status='unavailable', reason=str(e))
+      self.foolbox = None
+
+  def usable(self, name: str) -> bool:
+    return self.status.get(name, {}).get('status') == 'ok'
+
+  def why_not(self, name: str) -> str:
+    st = self.status.get(name, {})
+    return f'{st.get("status", "unavailable")}: {st.get("reason", "")}'.strip(': ')
+
+  def close(self):
+    for p in (self.torch, self.foolbox):
+      if p is not None:
+        p.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Timing helpers.
+
+
+def compile_jit(fn, *args, **kwargs):
+  """(compiled, lower+compile seconds) of jax.jit-ed `fn` for these arguments."""
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args, **kwargs).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def timed(fn: Callable[[], Any]) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t0
+
+
+def flops_of(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost:
+    return None
+  value = cost.get('flops')
+  return float(value) if value is not None and value > 0 else None
+
+
+def interleaved(candidates: dict[str, Callable[[], float]], repeats: int) -> dict[str, list]:
+  """Runs each candidate (a callable returning seconds) once per round, rotating the order."""
+  names = list(candidates)
+  times: dict[str, list] = {n: [] for n in names}
+  for r in range(repeats):
+    order = names[r % len(names):] + names[:r % len(names)]
+    for n in order:
+      times[n].append(candidates[n]())
+  return times
+
+
+def peer_candidate(peer: Peer, task_id: str) -> Callable[[], float]:
+  return lambda: peer.ask(op='time', id=task_id)['seconds'][0]
+
+
+def _key(i):
+  return jax.random.key(i)
+
+
+# ------------------------------------------------------------------------------------------
+# Models and data (shared with the foolbox worker: same seeds give the same weights).
+
+
+def make_model(name: str, resnet_depth: int = 20):
+  if name == 'resnet20':
+    return models.create_model('resnet20', num_classes=10, depth=resnet_depth)
+  if name == 'lenet_like':
+    return models.create_model('lenet_like', num_classes=10, mean=MNIST_MEAN, std=MNIST_STD)
+  raise ValueError(name)
+
+
+def make_variables(model, shape, seed=0):
+  """Initialised variables with non-trivial BatchNorm statistics (for the equivalence check)."""
+  x = jnp.zeros((1, *shape), jnp.float32)
+  variables = jax.jit(lambda k: model.init({'params': k}, x, train=False))(_key(seed))
+  variables = dict(variables)
+  if 'batch_stats' in variables:
+    leaves, tree = jax.tree_util.tree_flatten_with_path(variables['batch_stats'])
+    new = []
+    for i, (path, leaf) in enumerate(leaves):
+      k = jax.random.fold_in(_key(seed + 1), i)
+      if str(path[-1].key) == 'mean':
+        new.append(0.1 * jax.random.normal(k, leaf.shape, leaf.dtype))
+      else:
+        new.append(jax.random.uniform(k, leaf.shape, leaf.dtype, 0.5, 1.5))
+    variables['batch_stats'] = jax.tree_util.tree_unflatten(tree, new)
+  return variables
+
+
+def make_batch(shape, batch, seed=1):
+  kx, ky = jax.random.split(_key(seed))
+  return (jax.random.uniform(kx, (batch, *shape), jnp.float32),
+          jax.random.randint(ky, (batch,), 0, 10, jnp.int32))
+
+
+def pgd_fn(model, hook=None, **static):
+  """jit((variables, key, x, y, eps, step_size) -> x_adv): parameters are arguments."""
+
+  def run(variables, key, x, y, eps, step_size):
+    logits_fn = retrofit.make_logits_fn(model, variables, hook)
+    return attacks.pgd(logits_fn, key, x, y, eps=eps, step_size=step_size, **static)
+
+  return jax.jit(run)
+
+
+def pgd_step_fn(model):
+  """jit((variables, x_adv, x, y, eps, step_size) -> x_adv'): one L-inf PGD step, alone.
+
+  The same gradient pass as advdef.attacks.pgd's loop body (summed cross-entropy w.r.t. the
+  input, eval mode), a sign step and a clip projection. Used for the FLOP count of an attack
+  step and for the diagnostic row "the step jitted alone, looped in Python".
+  """
+
+  def one_step(variables, x_adv, x, y, eps, step_size):
+    logits_fn = retrofit.make_logits_fn(model, variables)
+    g = jax.grad(lambda z: jnp.sum(attacks.cross_entropy(logits_fn(z, _key(0)), y)))(x_adv)
+    return jnp.clip(jnp.clip(x_adv + step_size * jnp.sign(g), x - eps, x + eps), 0.0, 1.0)
+
+  return jax.jit(one_step)
+
+
+def model_label(name: str, depth: int) -> str:
+  if name == 'resnet20':
+    return 'ResNet-20' if depth == 20 else f'ResNet-{depth}'
+  return 'lenet_like'
+
+
+# ------------------------------------------------------------------------------------------
+# 0. Equivalence of the PyTorch mirrors.
+
+
+def check_equivalence(ctx, name) -> dict[str, Any]:
+  peers, cfg = ctx['peers'], ctx['cfg']
+  if not peers.usable('torch'):
+    return {'status': peers.why_not('torch')}
+  model = make_model(name, cfg['resnet_depth'])
+  shape = SHAPES[name]
+  variables = make_variables(model, shape)
+  x, _ = make_batch(shape, 4, seed=7)
+  logits = jax.jit(lambda v, z: model.apply(v, z, train=False))(variables, x)
+  arrays = {}
+  for coll, tree in variables.items():
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      arrays[coll + '/' + '/'.join(str(p.key) for p in path)] = np.asarray(leaf)
+  d = Path(ctx['tmp'])
+  np.savez(d / f'{name}_weights.npz', **arrays)
+  np.savez(d / f'{name}_inputs.npz', x=np.asarray(x), logits=np.asarray(logits))
+  out = peers.torch.ask(op='check', model=name, shape=shape, depth=cfg['resnet_depth'],
+                        mean=MNIST_MEAN, std=MNIST_STD, weights=str(d / f'{name}_weights.npz'),
+                        inputs=str(d / f'{name}_inputs.npz'))
+  advdef_params = models.count_params(variables)
+  return {'status': 'ok', 'max_abs_logit_diff': out['max_abs_diff'],
+          'max_abs_logit': out['max_abs_logit'], 'torch_params': out['params'],
+          'advdef_params': advdef_params,
+          'same': bool(out['max_abs_diff'] <= 1e-3 * max(1.0, out['max_abs_logit']) and
+                       out['params'] == advdef_params)}
+
+
+# ------------------------------------------------------------------------------------------
+# 1. PGD throughput.
+
+
+def bench_pgd(ctx, name) -> dict[str, Any]:
+  cfg, peers, repeats = ctx['cfg'], ctx['peers'], ctx['repeats']
+  model = make_model(name, cfg['resnet_depth'])
+  shape, b, steps = SHAPES[name], cfg['pgd_batch'][name], cfg['pgd_steps']
+  eps = EPS[name]
+  step_size = 2.5 * eps / steps
+  variables = make_variables(model, shape)
+  x, y = make_batch(shape, b)
+  fn = pgd_fn(model, steps=steps)
+  args = (variables, _key(3), x, y, jnp.float32(eps), jnp.float32(step_size))
+  compiled, compile_s = compile_jit(fn, *args)
+  first_run = timed(lambda: compiled(*args))
+  # Diagnostic (not a peer, not a target): the same step jitted alone and looped in Python,
+  # which separates the cost of the step from that of running it inside lax.fori_loop.
+  eps32, a32 = jnp.float32(eps), jnp.float32(step_size)
+  step_c, _ = compile_jit(pgd_step_fn(model), variables, x, x, y, eps32, a32)
+  start = jax.jit(lambda key, x, eps: jnp.clip(
+      x + jax.random.uniform(key, x.shape, x.dtype, -eps, eps), 0.0, 1.0))
+
+  def python_loop():
+    x_adv = start(_key(4), x, eps32)
+    for _ in range(steps):
+      x_adv = step_c(variables, x_adv, x, y, eps32, a32)
+    return x_adv
+
+  timed(python_loop)
+  ctx['attack_step_flops'][name] = flops_of(step_c)
+  candidates = {'advdef': lambda: timed(lambda: compiled(*args)),
+                'diag_step_python_loop': lambda: timed(python_loop)}
+  rows: dict[str, Any] = {}
+  spec = dict(model=name, shape=shape, batch=b, steps=steps, eps=eps, step_size=step_size,
+              depth=cfg['resnet_depth'], mean=MNIST_MEAN, std=MNIST_STD)
+  for peer_name, task in (('torch', 'pgd_plain'), ('torchattacks', 'pgd_torchattacks')):
+    label = 'torch_plain' if peer_name == 'torch' else 'torchattacks'
+    if not peers.usable(peer_name):
+      rows[label] = {'status': peers.why_not(peer_name)}
+      continue
+    try:
+      out = peers.torch.ask(op='setup', id=f'{task}/{name}', task=task, **spec)
+      rows[label] = {'status': 'ok', 'first_call_s': out['first_call_s']}
+      candidates[label] = peer_candidate(peers.torch, f'{task}/{name}')
+    except PeerError as e:
+      rows[label] = {'status': f'error: {e}'}
+  if peers.usable('foolbox'):
+    try:
+      out = peers.foolbox.ask(op='setup', id=f'pgd/{name}', **spec)
+      rows['foolbox_jax'] = {'status': 'ok', 'first_call_s': out['first_call_s'],
+                             'version': peers.status['foolbox'].get('foolbox')}
+      candidates['foolbox_jax'] = peer_candidate(peers.foolbox, f'pgd/{name}')
+    except PeerError as e:
+      rows['foolbox_jax'] = {'status': f'error: {e}'}
+  else:
+    rows['foolbox_jax'] = {'status': peers.why_not('foolbox')}
+  times = interleaved(candidates, repeats)
+  for k, ts in times.items():
+    row = rows.setdefault(k, {'status': 'ok'})
+    row.update(seconds=ts, median_s=median(ts), images_per_s=b / median(ts))
+  adv = rows['advdef']
+  adv.update(compile_s=compile_s, first_call_s=compile_s + first_run,
+             compile_first_minus_steady_s=compile_s + first_run - adv['median_s'])
+  ratios = {f'vs_{k}': ratio(adv['images_per_s'], r.get('images_per_s'))
+            for k, r in rows.items() if k not in ('advdef', 'diag_step_python_loop')}
+  rows['diag_step_python_loop']['note'] = (
+      'diagnostic: the same PGD step jitted alone and called steps times from Python; '
+      'not a peer, not used for targets')
+  ratios['diag_fori_loop_slowdown'] = ratio(rows['diag_step_python_loop']['images_per_s'],
+                                            adv['images_per_s'])
+  best_torch = max([rows[k]['images_per_s'] for k in ('torch_plain', 'torchattacks')
+                    if 'images_per_s' in rows.get(k, {})], default=None)
+  ratios['vs_fastest_pytorch'] = ratio(adv['images_per_s'], best_torch)
+  ctx['pgd_compiled'][name] = dict(median_s=adv['median_s'],
+                                   diag_median_s=rows['diag_step_python_loop']['median_s'])
+  return {'model': model_label(name, cfg['resnet_depth']), 'shape': shape, 'batch': b,
+          'steps': steps, 'eps': eps, 'step_size': step_size, 'rows': rows, 'ratios': ratios}
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Training throughput.
+
+
+def _train_config():
+  import ml_collections
+  return ml_collections.ConfigDict(dict(
+      learning_rate=0.1, num_epochs=1, schedule='constant', warmup_epochs=0, optimizer='sgd',
+      momentum=0.9, nesterov=False, weight_decay=5e-4, decay_factor=0.1, boundaries=()))
+
+
+def bench_train(ctx, name) -> dict[str, Any]:
+  cfg, peers, repeats = ctx['cfg'], ctx['peers'], ctx['repeats']
+  model = make_model(name, cfg['resnet_depth'])
+  shape, b = SHAPES[name], cfg['train_batch'][name]
+  n = 4 * b
+  spe = n // b
+  tx = training.create_optimizer(_train_config(), spe)
+  state = jax.jit(lambda k: training.create_train_state(k, model, tx, shape))(_key(0))
+  step_fn = training.make_train_step(model, tx, batch_size=b, steps_per_epoch=spe)
+  rng = np.random.default_rng(0)
+  images = jax.device_put(rng.integers(0, 256, (n, *shape), dtype=np.uint8))
+  labels = jax.device_put(rng.integers(0, 10, (n,)).astype(np.int32))
+  perm = jax.device_put(rng.permutation(n).astype(np.int32))
+  train_key = _key(5)
+  compiled, compile_s = compile_jit(step_fn, state, images, labels, perm, train_key)
+  holder = {'state': state}
+
+  def step():
+    holder['state'], metrics = compiled(holder['state'], images, labels, perm, train_key)
+    return holder['state'], metrics
+
+  first_run = timed(step)
+  candidates = {'advdef': lambda: timed(step)}
+  rows: dict[str, Any] = {}
+  if peers.usable('torch'):
+    try:
+      out = peers.torch.ask(op='setup', id=f'train/{name}', task='train', model=name,
+                            shape=shape, batch=b, dataset_size=n, depth=cfg['resnet_depth'],
+                            mean=MNIST_MEAN, std=MNIST_STD, lr=0.1, momentum=0.9,
+                            weight_decay=5e-4)
+      rows['torch'] = {'status': 'ok', 'first_call_s': out['first_call_s']}
+      candidates['torch'] = peer_candidate(peers.torch, f'train/{name}')
+    except PeerError as e:
+      rows['torch'] = {'status': f'error: {e}'}
+  else:
+    rows['torch'] = {'status': peers.why_not('torch')}
+  times = interleaved(candidates, repeats)
+  for k, ts in times.items():
+    row = rows.setdefault(k, {'status': 'ok'})
+    row.update(seconds=ts, median_s=median(ts), images_per_s=b / median(ts))
+  adv = rows['advdef']
+  adv.update(compile_s=compile_s, first_call_s=compile_s + first_run,
+             compile_first_minus_steady_s=compile_s + first_run - adv['median_s'],
+             flops=flops_of(compiled))
+  return {'model': model_label(name, cfg['resnet_depth']), 'shape': shape, 'batch': b,
+          'optimizer': 'sgd(lr=0.1, momentum=0.9, weight_decay=5e-4)', 'rows': rows,
+          'ratios': {'vs_torch': ratio(adv['images_per_s'],
+                                       rows.get('torch', {}).get('images_per_s'))}}
+
+
+# ------------------------------------------------------------------------------------------
+# 3. SAP cost.
+
+
+def naive_host_sap(x_dev, rng: np.random.Generator, frac: float = 1.0):
+  """SAP as a host operator: per example, numpy's categorical sampler with replacement."""
+  a = np.asarray(x_dev)                                   # device -> host
+  flat = a.reshape(a.shape[0], -1)
+  out = np.zeros_like(flat)
+  n = flat.shape[1]
+  r = int(math.floor(frac * n))
+  for i in range(flat.shape[0]):
+    mag = np.abs(flat[i]).astype(np.float64)
+    p = mag / mag.sum()
+    drawn = rng.choice(n, size=r, replace=True, p=p)
+    keep = np.zeros(n, bool)
+    keep[drawn] = True
+    q = -np.expm1(r * np.log1p(-np.minimum(p, 1 - 2.0**-53)))
+    out[i] = np.where(keep, flat[i] / np.where(keep, q, 1.0), 0.0)
+  return jax.device_put(out.reshape(a.shape))             # host -> device
+
+
+def bench_sap(ctx) -> dict[str, Any]:
+  cfg, repeats = ctx['cfg'], ctx['repeats']
+  name = 'resnet20'
+  model = make_model(name, cfg['resnet_depth'])
+  shape, b = SHAPES[name], cfg['sap_batch']
+  variables = make_variables(model, shape)
+  x, y = make_batch(shape, b)
+
+  def grad_fn(hook):
+    def g(variables, key, x, y):
+      logits_fn = retrofit.make_logits_fn(model, variables, hook)
+      return jax.grad(lambda z: jnp.sum(attacks.cross_entropy(logits_fn(z, key), y)))(x)
+    return jax.jit(g)
+
+  args = (variables, _key(11), x, y)
+  plain, plain_compile = compile_jit(grad_fn(None), *args)
+  sap, sap_compile = compile_jit(grad_fn(retrofit.build_hook('sap(frac=1.0)')), *args)
+  timed(lambda: plain(*args))
+  timed(lambda: sap(*args))
+  times = interleaved({'undefended': lambda: timed(lambda: plain(*args)),
+                       'sap100': lambda: timed(lambda: sap(*args))}, repeats)
+  model_part = {
+      'model': model_label(name, cfg['resnet_depth']), 'batch': b,
+      'pass': 'grad of summed cross-entropy w.r.t. the input (eval mode)',
+      'sap_sites': sum(1 for _, k in models.list_sites(model, shape) if k == 'act'),
+      'undefended_median_s': median(times['undefended']),
+      'sap100_median_s': median(times['sap100']),
+      'seconds': times, 'compile_s': {'undefended': plain_compile, 'sap100': sap_compile},
+      'overhead_ratio': ratio(median(times['sap100']), median(times['undefended'])),
+  }
+  # One layer: the first stage's post-ReLU map, 32x32x16 per example.
+  lb = cfg['sap_layer_batch']
+  layer = jax.nn.relu(jax.random.normal(_key(12), (lb, 32, 32, 16), jnp.float32))
+  exact = jax.jit(lambda key, h: defenses.sap(key, h, frac=1.0))
+  exact_c, _ = compile_jit(exact, _key(13), layer)
+  timed(lambda: exact_c(_key(13), layer))
+  rng = np.random.default_rng(0)
+  timed(lambda: naive_host_sap(layer, rng))
+  lt = interleaved({'advdef_exact': lambda: timed(lambda: exact_c(_key(13), layer)),
+                    'naive_host': lambda: timed(lambda: naive_host_sap(layer, rng))},
+                   max(repeats, 1))
+  layer_part = {
+      'shape': list(layer.shape), 'units_per_example': 32 * 32 * 16, 'draws_per_example':
+      32 * 32 * 16, 'pass': 'forward (sampling + rescaling), result on the device',
+      'advdef_exact_median_s': median(lt['advdef_exact']),
+      'naive_host_median_s': median(lt['naive_host']), 'seconds': lt,
+      'speedup': ratio(median(lt['naive_host']), median(lt['advdef_exact'])),
+  }
+  return {'model_pass': model_part, 'one_layer': layer_part}
+
+
+# ------------------------------------------------------------------------------------------
+# 4. EOT: vectorised vs sequential loop.
+
+
+RSE_SPEC = 'rse(sigma_init=0.2, sigma_inner=0.1)'
+
+
+def bench_eot(ctx) -> dict[str, Any]:
+  cfg, peers, repeats = ctx['cfg'], ctx['peers'], ctx['repeats']
+  name = 'resnet20'
+  model = make_model(name, cfg['resnet_depth'])
+  shape, b, k, steps = SHAPES[name], cfg['eot_batch'], cfg['eot_k'], cfg['eot_steps']
+  eps = EPS[name]
+  step_size = 2.5 * eps / steps
+  variables = make_variables(model, shape)
+  x, y = make_batch(shape, b)
+  hook = retrofit.build_hook(RSE_SPEC)
+  vec_fn = pgd_fn(model, hook, steps=steps, eot_samples=k)
+  args = (variables, _key(21), x, y, jnp.float32(eps), jnp.float32(step_size))
+  vec, vec_compile = compile_jit(vec_fn, *args)
+  timed(lambda: vec(*args))
+
+  # The sequential reference: k jitted gradient passes per step, accumulated, then a jitted
+  # sign step and projection (what AutoAttack / torchattacks / foolbox do, here compiled).
+  def grad_acc(variables, x_adv, y, key, acc):
+    logits_fn = retrofit.make_logits_fn(model, variables, hook)
+    g = jax.grad(lambda z: jnp.sum(attacks.cross_entropy(logits_fn(z, key), y)))(x_adv)
+    return acc + g
+
+  def update(x_adv, x, acc, eps, step_size):
+    x_adv = x_adv + step_size * jnp.sign(acc)
+    return jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
+
+  def start(key, x, eps):
+    return jnp.clip(x + jax.random.uniform(key, x.shape, x.dtype, -eps, eps), 0.0, 1.0)
+
+  zeros = jnp.zeros_like(x)
+  ga, ga_compile = compile_jit(jax.jit(grad_acc), variables, x, y, _key(0), zeros)
+  up, _ = compile_jit(jax.jit(update), x, x, zeros, jnp.float32(eps), jnp.float32(step_size))
+  st, _ = compile_jit(jax.jit(start), _key(0), x, jnp.float32(eps))
+  keys = list(jax.random.split(_key(22), steps * k))
+  eps32, a32 = jnp.float32(eps), jnp.float32(step_size)
+
+  def loop():
+    x_adv = st(_key(23), x, eps32)
+    for i in range(steps):
+      acc = zeros
+      for j in range(k):
+        acc = ga(variables, x_adv, y, keys[i * k + j], acc)
+      x_adv = up(x_adv, x, acc, eps32, a32)
+    return x_adv
+
+  timed(loop)
+
+  # Diagnostic: the vectorised EOT step (vmap over k keys) jitted alone and looped in Python,
+  # i.e. vectorisation without lax.fori_loop (see the PGD section's diagnostic row).
+  def vec_step(variables, x_adv, x, y, key, eps, step_size):
+    logits_fn = retrofit.make_logits_fn(model, variables, hook)
+    draws = jax.random.split(key, k)
+    loss = lambda z: jnp.sum(jnp.mean(jax.vmap(
+        lambda kk: attacks.cross_entropy(logits_fn(z, kk), y))(draws), axis=0))
+    return update(x_adv, x, jax.grad(loss)(x_adv), eps, step_size)
+
+  vs, _ = compile_jit(jax.jit(vec_step), variables, x, x, y, _key(0), eps32, a32)
+  step_keys = list(jax.random.split(_key(24), steps))
+
+  def vec_loop():
+    x_adv = st(_key(23), x, eps32)
+    for i in range(steps):
+      x_adv = vs(variables, x_adv, x, y, step_keys[i], eps32, a32)
+    return x_adv
+
+  timed(vec_loop)
+  candidates = {'advdef_vectorized': lambda: timed(lambda: vec(*args)),
+                'sequential_loop': lambda: timed(loop),
+                'diag_vectorized_step_python_loop': lambda: timed(vec_loop)}
+  rows: dict[str, Any] = {}
+  if peers.usable('torchattacks'):
+    try:
+      out = peers.torch.ask(op='setup', id='eot', task='eot_torchattacks', model=name,
+                            shape=shape, batch=b, steps=steps, eps=eps, step_size=step_size,
+                            eot=k, depth=cfg['resnet_depth'], rse=(0.2, 0.1))
+      rows['torchattacks_eotpgd'] = {'status': 'ok', 'first_call_s': out['first_call_s']}
+      candidates['torchattacks_eotpgd'] = peer_candidate(peers.torch, 'eot')
+    except PeerError as e:
+      rows['torchattacks_eotpgd'] = {'status': f'error: {e}'}
+  else:
+    rows['torchattacks_eotpgd'] = {'status': peers.why_not('torchattacks')}
+  times = interleaved(candidates, repeats)
+  for key_, ts in times.items():
+    row = rows.setdefault(key_, {'status': 'ok'})
+    row.update(seconds=ts, median_s=median(ts), images_per_s=b / median(ts))
+  rows['advdef_vectorized']['compile_s'] = vec_compile
+  rows['sequential_loop']['compile_s'] = ga_compile
+  adv = rows['advdef_vectorized']['median_s']
+  return {'model': f'{model_label(name, cfg["resnet_depth"])} + {RSE_SPEC}', 'batch': b,
+          'eot_samples': k, 'steps': steps, 'gradient_passes_per_attack': k * steps,
+          'rows': rows,
+          'ratios': {'speedup_vs_loop': ratio(rows['sequential_loop']['median_s'], adv),
+                     'diag_vectorized_step_alone_vs_loop': ratio(
+                         rows['sequential_loop']['median_s'],
+                         rows['diag_vectorized_step_python_loop']['median_s']),
+                     'speedup_vs_torchattacks': ratio(
+                         rows.get('torchattacks_eotpgd', {}).get('median_s'), adv)}}
+
+
+# ------------------------------------------------------------------------------------------
+# 5. In-graph sweep.
+
+
+def bench_sweep(ctx) -> dict[str, Any]:
+  cfg = ctx['cfg']
+  attack = f'pgd(steps={cfg["sweep_steps"]})'
+  kappas = KAPPAS[:cfg['sweep_points']]
+  try:
+    from advdef import sweeps
+    fn = getattr(sweeps, 'benchmark_kappa_sweep', None)
+  except ImportError:
+    fn = None
+  if fn is not None:
+    res = fn(values=kappas, attack=attack, epsilon=0.1, num_examples=cfg['sweep_examples'],
+             batch_size=cfg['sweep_examples'])
+    res = {k: (v.item() if hasattr(v, 'item') else v) for k, v in res.items()}
+    source = 'advdef.sweeps.benchmark_kappa_sweep (small_cnn, 8x8 digits)'
+  else:
+    res = _inline_sweep(cfg, kappas)
+    source = 'inline (advdef.sweeps.benchmark_kappa_sweep absent): lenet_like, random data'
+  return {'source': source, 'defense': 'jump(kappa)', 'kappas': list(kappas), 'attack': attack,
+          'epsilon': 0.1, 'result': res,
+          'ratios': {'speedup_incl_compile': res.get('ratio'),
+                     'speedup_steady_state': ratio(res.get('separate_run_seconds'),
+                                                   res.get('in_graph_run_seconds'))}}
+
+
+def _inline_sweep(cfg, kappas) -> dict[str, Any]:
+  name = 'lenet_like'
+  model = make_model(name)
+  shape, n, steps = SHAPES[name], cfg['sweep_examples'], cfg['sweep_steps']
+  variables = make_variables(model, shape)
+  x, y = make_batch(shape, n)
+
+  def point(variables, kappa, key, x, y):
+    hook = retrofit.Retrofit(retrofit.make_transforms([('jump', {'kappa': kappa})]))
+    logits_fn = retrofit.make_logits_fn(model, variables, hook)
+    x_adv = attacks.pgd(logits_fn, key, x, y, eps=0.1, steps=steps)
+    return (jnp.sum(jnp.argmax(logits_fn(x, key), -1) == y),
+            jnp.sum(jnp.argmax(logits_fn(x_adv, key), -1) == y))
+
+  grid = jax.jit(jax.vmap(point, in_axes=(None, 0, None, None, None)))
+  grid_values = jnp.asarray(kappas, jnp.float32)
+  t0 = time.perf_counter()
+  jax.block_until_ready(grid(variables, grid_values, _key(31), x, y))
+  in_graph = time.perf_counter() - t0
+  in_graph_run = timed(lambda: grid(variables, grid_values, _key(31), x, y))
+  t0 = time.perf_counter()
+  fns = [jax.jit(functools.partial(point, kappa=float(k))) for k in kappas]
+  jax.block_until_ready([f(variables, key=_key(31), x=x, y=y) for f in fns])
+  separate = time.perf_counter() - t0
+  separate_run = timed(lambda: [f(variables, key=_key(31), x=x, y=y) for f in fns])
+  return {'in_graph_seconds': in_graph, 'separate_seconds': separate,
+          'ratio': separate / in_graph, 'num_points': len(kappas),
+          'in_graph_run_seconds': in_graph_run, 'separate_run_seconds': separate_run,
+          'num_examples': n}
+
+
+# ------------------------------------------------------------------------------------------
+# 7. FLOP/s against the measured matmul peak.
+
+
+def bench_flops(ctx) -> dict[str, Any]:
+  cfg, sections = ctx['cfg'], ctx['results']
+  n = cfg['matmul_n']
+  a = jax.random.normal(_key(41), (n, n), jnp.float32)
+  bm = jax.random.normal(_key(42), (n, n), jnp.float32)
+  mm, _ = compile_jit(jax.jit(jnp.matmul), a, bm)
+  timed(lambda: mm(a, bm))
+  mm_times = [timed(lambda: mm(a, bm)) for _ in range(max(5, ctx['repeats'] + 2))]
+  peak = 2 * n**3 / min(mm_times)
+  out: dict[str, Any] = {'matmul': {'n': n, 'seconds': mm_times, 'peak_flops_per_s': peak,
+                                    'median_flops_per_s': 2 * n**3 / median(mm_times),
+                                    'flops_per_matmul': 2 * n**3}}
+  for name in ('resnet20', 'lenet_like'):
+    entry: dict[str, Any] = {}
+    train = sections.get(f'train/{name}', {})
+    adv = train.get('rows', {}).get('advdef', {})
+    if adv.get('flops') and adv.get('median_s'):
+      achieved = adv['flops'] / adv['median_s']
+      entry['train_step'] = {'flops': adv['flops'], 'median_s': adv['median_s'],
+                             'flops_per_s': achieved, 'fraction_of_peak': achieved / peak}
+    p = ctx['pgd_compiled'].get(name)
+    if p:
+      fl = ctx['attack_step_flops'].get(name)
+      per_step = p['median_s'] / cfg['pgd_steps']
+      if fl:
+        entry['attack_step'] = {
+            'flops': fl, 'seconds_per_step_in_pgd': per_step, 'flops_per_s': fl / per_step,
+            'fraction_of_peak': fl / per_step / peak,
+            'note': 'FLOPs of one compiled PGD step (gradient + sign step + projection); time '
+                    '= advdef.attacks.pgd median / steps (XLA counts a loop body once, so the '
+                    'whole PGD cannot be costed directly)'}
+        diag = p.get('diag_median_s')
+        if diag:
+          entry['attack_step_outside_loop'] = {
+              'flops': fl, 'seconds_per_step': diag / cfg['pgd_steps'],
+              'flops_per_s': fl * cfg['pgd_steps'] / diag,
+              'fraction_of_peak': fl * cfg['pgd_steps'] / diag / peak,
+              'note': 'diagnostic: the same step jitted alone, looped in Python'}
+    out[name] = entry
+  return out
+
+
+# ------------------------------------------------------------------------------------------
+# The foolbox worker (runs this file in a subprocess with foolbox on sys.path).
+
+
+def foolbox_worker():
+  site = os.environ.get('ADVDEF_BENCH_FOOLBOX_SITE')
+  if site:
+    sys.path.append(site)  # Appended: this environment's numpy/scipy/jax win.
+  tasks = {}
+  for line in sys.stdin:
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      cmd = json.loads(line)
+      op = cmd['op']
+      if op == 'quit':
+        print(json.dumps({'ok': True}), flush=True)
+        return
+      if op == 'info':
+        import eagerpy
+        import foolbox
+        out = {'foolbox': foolbox.__version__, 'eagerpy': eagerpy.__version__,
+               'jax': jax.__version__, 'backend': jax.default_backend()}
+      elif op == 'setup':
+        import foolbox as fb
+        name = cmd['model']
+        model = make_model(name, cmd.get('depth', 20))
+        shape = tuple(cmd['shape'])
+        variables = make_variables(model, shape)
+        x, y = make_batch(shape, cmd['batch'])
+        # The forward pass jitted (foolbox's best case); foolbox differentiates it eagerly.
+        forward = jax.jit(lambda v, z: model.apply(v, z, train=False))
+        fmodel = fb.JAXModel(lambda z: forward(variables, z), bounds=(0.0, 1.0))
+        attack = fb.attacks.LinfPGD(abs_stepsize=cmd['step_size'], steps=cmd['steps'],
+                                    random_start=True)
+        eps = cmd['eps']
+        run = lambda: attack.run(fmodel, x, y, epsilon=eps)
+        tasks[cmd['id']] = run
+        out = {'first_call_s': timed(run)}
+      elif op == 'time':
+        out = {'seconds': [timed(tasks[cmd['id']]) for _ in range(int(cmd.get('n', 1)))]}
+      else:
+        raise ValueError(f'unknown op {op!r}')
+      out['ok'] = True
+    except Exception as e:
+      out = {'ok': False, 'error': f'{type(e).__name__}: {e}',
+             'traceback': traceback.format_exc(limit=4)}
+    print(json.dumps(out), flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Report.
+
+
+def evaluate_targets(results) -> list[dict[str, Any]]:
+  def get(path):
+    section, *rest = path
+    node = results.get(section)
+    for p in rest:
+      node = node.get(p) if isinstance(node, dict) else None
+    return node
+
+  values = {
+      'pgd/resnet20': get(['pgd/resnet20', 'ratios', 'vs_fastest_pytorch']),
+      'pgd/lenet_like': get(['pgd/lenet_like', 'ratios', 'vs_fastest_pytorch']),
+      'train/resnet20': get(['train/resnet20', 'ratios', 'vs_torch']),
+      'train/lenet_like': get(['train/lenet_like', 'ratios', 'vs_torch']),
+      'sap/overhead': get(['sap', 'model_pass', 'overhead_ratio']),
+      'eot/speedup': get(['eot', 'ratios', 'speedup_vs_loop']),
+      'sweep/speedup': get(['sweep', 'ratios', 'speedup_incl_compile']),
+      'flops/train_fraction': get(['flops', 'resnet20', 'train_step', 'fraction_of_peak']),
+  }
+  label = (results.get('pgd/resnet20') or {}).get('model') or 'ResNet-20'
+  out = []
+  for key, desc, op, thr in TARGETS:
+    desc = desc.replace('ResNet-20', label)
+    v = values.get(key)
+    if v is None:
+      status, margin = 'N/A', None
+    else:
+      ok = v >= thr if op == '>=' else v <= thr
+      status = 'PASS' if ok else 'MISS'
+      margin = v / thr
+    out.append({'key': key, 'target': f'{desc} {op} {thr:g}', 'op': op, 'threshold': thr,
+                'value': v, 'status': status, 'value_over_threshold': margin})
+  return out
+
+
+def _fmt(v, unit=''):
+  if v is None:
+    return '-'
+  if isinstance(v, str):
+    return v
+  if abs(v) >= 1000:
+    return f'{v:,.0f}{unit}'
+  if abs(v) >= 100:
+    return f'{v:.0f}{unit}'
+  if abs(v) >= 10:
+    return f'{v:.1f}{unit}'
+  if abs(v) >= 1:
+    return f'{v:.2f}{unit}'
+  return f'{v:.3g}{unit}'
+
+
+def _x(v):
+  return '-' if v is None else f'{v:.2f}x'
+
+
+def table_rows(results) -> list[tuple[str, str, str, str, str]]:
+  rows = []
+  for name in ('resnet20', 'lenet_like'):
+    s = results.get(f'pgd/{name}')
+    if not s:
+      continue
+    if 'error' in s:
+      rows.append(('1 pgd', name, 'ERROR', s['error'][:60], '-'))
+      continue
+    what = f'{s["model"]} {"x".join(map(str, s["shape"]))} PGD-{s["steps"]} b={s["batch"]} img/s'
+    adv = s['rows']['advdef']['images_per_s']
+    first = True
+    for k, label in (('torch_plain', 'PyTorch loop'), ('torchattacks', 'torchattacks.PGD'),
+                     ('foolbox_jax', 'foolbox JAX')):
+      r = s['rows'].get(k, {})
+      ref = (f'{label} {_fmt(r["images_per_s"])}' if 'images_per_s' in r
+             else f'{label}: {r.get("status", "n/a")}'[:60])
+      rows.append(('1 pgd' if first else '', what if first else '',
+                   _fmt(adv) if first else '', ref, _x(s['ratios'].get(f'vs_{k}'))))
+      first = False
+    d = s['rows'].get('diag_step_python_loop', {})
+    if 'images_per_s' in d:
+      rows.append(('', '', '',
+                   f'(diag) same step jitted alone, Python loop {_fmt(d["images_per_s"])}',
+                   _x(s['ratios'].get('diag_fori_loop_slowdown') and
+                      1 / s['ratios']['diag_fori_loop_slowdown'])))
+  for name in ('resnet20', 'lenet_like'):
+    s = results.get(f'train/{name}')
+    if not s:
+      continue
+    if 'error' in s:
+      rows.append(('2 train', name, 'ERROR', s['error'][:60], '-'))
+      continue
+    r = s['rows'].get('torch', {})
+    ref = (f'PyTorch {_fmt(r["images_per_s"])}' if 'images_per_s' in r
+           else f'PyTorch: {r.get("status")}'[:60])
+    rows.append(('2 train', f'{s["model"]} SGD+momentum+BN step b={s["batch"]} img/s',
+                 _fmt(s['rows']['advdef']['images_per_s']), ref, _x(s['ratios']['vs_torch'])))
+  s = results.get('sap')
+  if s and 'error' not in s:
+    m, l = s['model_pass'], s['one_layer']
+    rows.append(('3 sap', f'{m["model"]} + SAP-100 x{m["sap_sites"]} fwd+bwd b={m["batch"]} ms',
+                 _fmt(1e3 * m['sap100_median_s']),
+                 f'undefended {_fmt(1e3 * m["undefended_median_s"])} ms',
+                 f'{m["overhead_ratio"]:.2f}x cost'))
+    rows.append(('', f'one layer {"x".join(map(str, l["shape"]))} exact SAP fwd ms',
+                 _fmt(1e3 * l['advdef_exact_median_s']),
+                 f'numpy rng.choice/example {_fmt(1e3 * l["naive_host_median_s"])} ms',
+                 _x(l['speedup'])))
+  elif s:
+    rows.append(('3 sap', 'ERROR', '-', s['error'][:60], '-'))
+  s = results.get('eot')
+  if s and 'error' not in s:
+    r = s['rows']
+    rows.append(('4 eot', f'EOT-{s["eot_samples"]} PGD-{s["steps"]} RSE b={s["batch"]} s',
+                 _fmt(r['advdef_vectorized']['median_s']),
+                 f'sequential loop {_fmt(r["sequential_loop"]["median_s"])} s',
+                 _x(s['ratios']['speedup_vs_loop'])))
+    t = r.get('torchattacks_eotpgd', {})
+    rows.append(('', '', '', f'torchattacks.EOTPGD {_fmt(t["median_s"])} s' if 'median_s' in t
+                 else f'torchattacks.EOTPGD: {t.get("status")}'[:60],
+                 _x(s['ratios']['speedup_vs_torchattacks'])))
+    d = r['diag_vectorized_step_python_loop']
+    rows.append(('', '(diag) vectorised step jitted alone, Python loop s', _fmt(d['median_s']),
+                 f'sequential loop {_fmt(r["sequential_loop"]["median_s"])} s',
+                 _x(s['ratios']['diag_vectorized_step_alone_vs_loop'])))
+  elif s:
+    rows.append(('4 eot', 'ERROR', '-', s['error'][:60], '-'))
+  s = results.get('sweep')
+  if s and 'error' not in s:
+    r = s['result']
+    rows.append(('5 sweep', f'jump kappa x{len(s["kappas"])} {s["attack"]} incl. compile s',
+                 _fmt(r['in_graph_seconds']),
+                 f'{len(s["kappas"])} separate jits {_fmt(r["separate_seconds"])} s',
+                 _x(s['ratios']['speedup_incl_compile'])))
+    rows.append(('', 'same, steady state (compiled) s', _fmt(r.get('in_graph_run_seconds')),
+                 f'{len(s["kappas"])} separate calls {_fmt(r.get("separate_run_seconds"))} s',
+                 _x(s['ratios']['speedup_steady_state'])))
+  elif s:
+    rows.append(('5 sweep', 'ERROR', '-', s['error'][:60], '-'))
+  first = True
+  for name in ('resnet20', 'lenet_like'):
+    for sec, label in ((f'train/{name}', 'train step'), (f'pgd/{name}', 'PGD')):
+      s = results.get(sec)
+      if not s or 'error' in s:
+        continue
+      a = s['rows']['advdef']
+      rows.append(('6 compile' if first else '', f'{s["model"]} {label}: lower+compile s',
+                   _fmt(a['compile_s']),
+                   f'first call - steady {_fmt(a["compile_first_minus_steady_s"])} s', ''))
+      first = False
+  s = results.get('flops')
+  if s and 'error' not in s:
+    mm = s['matmul']
+    rows.append(('7 flops', f'float32 matmul {mm["n"]}^2 peak GFLOP/s',
+                 _fmt(mm['peak_flops_per_s'] / 1e9),
+                 f'median {_fmt(mm["median_flops_per_s"] / 1e9)}',
+                 ''))
+    for name in ('resnet20', 'lenet_like'):
+      for part, label in (('train_step', 'train step'), ('attack_step', 'PGD step'),
+                          ('attack_step_outside_loop', '(diag) step alone')):
+        e = s.get(name, {}).get(part)
+        if e:
+          rows.append(('', f'{name} {label} GFLOP/s', _fmt(e['flops_per_s'] / 1e9),
+                       f'{_fmt(e["flops"] / 1e9)} GFLOP/step',
+                       f'{100 * e["fraction_of_peak"]:.1f}% peak'))
+  elif s:
+    rows.append(('7 flops', 'ERROR', '-', s['error'][:60], '-'))
+  return rows
+
+
+def render(report) -> str:
+  m = report['machine']
+  lines = []
+  torch_st = report['peers'].get('torch', {})
+  torch_desc = (f'torch {torch_st.get("torch")} ({torch_st.get("threads")} threads)'
+                if torch_st.get('status') == 'ok' else f'torch {torch_st.get("status")}')
+  lines.append(f'advdef benchmark ({report["mode"]}): {m["cpu_model"]}, {m["cores_available"]} '
+               f'cores, {m["backend"]} ({m["device_kind"]}); jax {m["jax"]}, {torch_desc}; '
+               f'load average {m["load_average_start"][0]:.1f} -> '
+               f'{m.get("load_average_end", [float("nan")])[0]:.1f}')
+  for k, eq in report.get('equivalence', {}).items():
+    if eq.get('status') == 'ok':
+      lines.append(f'  PyTorch mirror of {k}: {eq["torch_params"]} params (advdef '
+                   f'{eq["advdef_params"]}), max |logit diff| {eq["max_abs_logit_diff"]:.1e} '
+                   f'-> {"same network" if eq["same"] else "MISMATCH"}')
+    else:
+      lines.append(f'  PyTorch mirror of {k}: {eq.get("status")}')
+  header = ('section', 'measurement', 'advdef', 'reference', 'ratio')
+  rows = [header] + table_rows(report['results'])
+  widths = [max(len(r[i]) for r in rows) for i in range(5)]
+  widths[3] = min(widths[3], 62)
+  for i, r in enumerate(rows):
+    lines.append('  '.join(c[:widths[j]].ljust(widths[j]) if j != 2 else c.rjust(widths[j])
+                           for j, c in enumerate(r)).rstrip())
+    if i == 0:
+      lines.append('  '.join('-' * w for w in widths))
+  lines.append('ratio: advdef speed over the reference (>1 = advdef faster); SAP: cost over the '
+               'undefended pass (lower is better).')
+  lines.append('Targets:')
+  for t in report['targets']:
+    v = '-' if t['value'] is None else f'{t["value"]:.3g}'
+    lines.append(f'  {t["status"]:4s}  {t["target"]:70s} got {v}')
+  lines.append(f'elapsed {report["elapsed_s"]:.0f} s; JSON: {report.get("out")}')
+  return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Main.
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument('--quick', action='store_true', help='small sizes, same comparisons')
+  mode.add_argument('--tiny', action='store_true', help='smoke-test sizes (tests)')
+  parser.add_argument('--skip-peers', action='store_true', help='no PyTorch / foolbox rows')
+  parser.add_argument('--no-foolbox', action='store_true', help='skip the foolbox rows only')
+  parser.add_argument('--out', default=None,
+                      help='JSON path (default /tmp/advdef_bench_<mode>.json)')
+  parser.add_argument('--repeats', type=int, default=None, help='override the mode\'s repeats')
+  parser.add_argument('--bench-home', default=None,
+                      help='where peer environments live ($ADVDEF_BENCH_HOME, '
+                           '~/.cache/advdef-bench)')
+  parser.add_argument('--torch-omp-wait-policy', default='passive',
+                      choices=('passive', 'active', 'default'),
+                      help='OMP_WAIT_POLICY of the PyTorch process. PASSIVE (default): its '
+                           'OpenMP threads sleep instead of spinning at barriers; with the '
+                           'spinning default PyTorch runs 10-100x slower on a machine shared '
+                           'with other processes (measured). Use active on a dedicated one.')
+  parser.add_argument('--only', default=None,
+                      help='comma-separated sections to run (pgd,train,sap,eot,sweep,flops)')
+  parser.add_argument('--foolbox-worker', action='store_true', help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.foolbox_worker:
+    foolbox_worker()
+    return 0
+  t_start = time.time()
+  mode_name = 'tiny' if args.tiny else 'quick' if args.quick else 'full'
+  cfg = MODES[mode_name]
+  repeats = args.repeats or cfg['repeats']
+  out_path = args.out or f'/tmp/advdef_bench_{mode_name}.json'
+  on_gpu = jax.default_backend() == 'gpu'
+  if on_gpu:
+    jax.config.update('jax_default_matmul_precision', 'highest')  # float32, no TF32.
+  machine = describe_machine()
+  log(f'mode {mode_name}; {machine["cpu_model"]}, {machine["cores_available"]} cores, '
+      f'{machine["backend"]}; load {machine["load_average_start"]}')
+  t0 = time.time()
+  peers = Peers(args, on_gpu)
+  peer_setup_s = time.time() - t0
+  log(f'peers: { {k: v.get("status") for k, v in peers.status.items()} } ({peer_setup_s:.0f} s)')
+  only = set(args.only.split(',')) if args.only else None
+  results: dict[str, Any] = {}
+  ctx = {'cfg': cfg, 'peers': peers, 'repeats': repeats, 'pgd_compiled': {},
+         'attack_step_flops': {}, 'results': results}
+  report: dict[str, Any] = {'mode': mode_name, 'config': dict(cfg, repeats=repeats),
+                            'machine': machine, 'peers': peers.status,
+                            'peer_setup_seconds': peer_setup_s}
+  with tempfile.TemporaryDirectory() as tmp:
+    ctx['tmp'] = tmp
+    equivalence = {}
+    for name in ('resnet20', 'lenet_like'):
+      try:
+        equivalence[name] = check_equivalence(ctx, name)
+      except Exception as e:
+        equivalence[name] = {'status': f'error: {type(e).__name__}: {e}'}
+    report['equivalence'] = equivalence
+    plan = [('pgd', 'pgd/resnet20', lambda: bench_pgd(ctx, 'resnet20')),
+            ('pgd', 'pgd/lenet_like', lambda: bench_pgd(ctx, 'lenet_like')),
+            ('train', 'train/resnet20', lambda: bench_train(ctx, 'resnet20')),
+            ('train', 'train/lenet_like', lambda: bench_train(ctx, 'lenet_like')),
+            ('sap', 'sap', lambda: bench_sap(ctx)),
+            ('eot', 'eot', lambda: bench_eot(ctx)),
+            ('sweep', 'sweep', lambda: bench_sweep(ctx)),
+            ('flops', 'flops', lambda: bench_flops(ctx))]
+    try:
+      for group, key, fn in plan:
+        if only and group not in only:
+          continue
+        t1 = time.time()
+        log(f'{key} ...')
+        try:
+          results[key] = fn()
+        except Exception as e:
+          results[key] = {'error': f'{type(e).__name__}: {e}',
+                          'traceback': traceback.format_exc(limit=6)}
+          log(f'{key} failed: {results[key]["error"]}')
+        results[key]['section_seconds'] = time.time() - t1
+        log(f'{key} done in {time.time() - t1:.0f} s')
+    finally:
+      peers.close()
+  results['compile'] = {
+      k: {'lower_compile_s': results[k]['rows']['advdef']['compile_s'],
+          'first_call_minus_steady_s': results[k]['rows']['advdef']['compile_first_minus_steady_s']}
+      for k in ('train/resnet20', 'train/lenet_like', 'pgd/resnet20', 'pgd/lenet_like')
+      if k in results and 'rows' in results[k]}
+  machine['load_average_end'] = list(os.getloadavg())
+  report['results'] = results
+  report['targets'] = evaluate_targets(results)
+  report['elapsed_s'] = time.time() - t_start
+  report['out'] = out_path
+  Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+  Path(out_path).write_text(json.dumps(report, indent=1, default=str))
+  print(render(report), flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

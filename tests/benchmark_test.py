@@ -1,0 +1,121 @@
+"""scripts/benchmark.py at its smoke-test size: every section present, with numeric ratios.
+
+CI does not run the benchmark itself; this runs `--tiny --skip-peers` (ResNet-2, batch 2, one
+repeat, no PyTorch / foolbox install) in a subprocess and checks the JSON's structure.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / 'scripts' / 'benchmark.py'
+
+SECTIONS = ('pgd/resnet20', 'pgd/lenet_like', 'train/resnet20', 'train/lenet_like', 'sap',
+            'eot', 'sweep', 'compile', 'flops')
+
+
+def _number(v):
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _run_tiny(out):
+  env = dict(os.environ)
+  # One CPU device (the suite's conftest asks for 4 virtual ones) and no peer installs.
+  flags = [f for f in env.get('XLA_FLAGS', '').split()
+           if 'xla_force_host_platform_device_count' not in f]
+  env['XLA_FLAGS'] = ' '.join(flags)
+  env['JAX_PLATFORMS'] = 'cpu'
+  proc = subprocess.run([sys.executable, str(SCRIPT), '--tiny', '--skip-peers', '--out',
+                         str(out)], capture_output=True, text=True, timeout=600, env=env,
+                        cwd=str(REPO))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  data = json.loads(out.read_text())
+  data['_stdout'] = proc.stdout
+  return data
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_writes_every_section_with_numeric_ratios(tmp_path):
+  # One test (not three sharing a fixture), so `pytest -n 2` runs the benchmark only once.
+  report = _run_tiny(tmp_path / 'tiny.json')
+  _check_sections(report)
+  _check_ratios(report)
+  _check_targets_and_table(report)
+
+
+def _check_sections(report):
+  results = report['results']
+  for name in SECTIONS:
+    assert name in results, name
+    assert 'error' not in results[name], (name, results[name].get('error'),
+                                          results[name].get('traceback'))
+  m = report['machine']
+  assert m['cpu_model'] and m['cores_available'] >= 1 and m['jax']
+  assert report['mode'] == 'tiny'
+  for peer in ('torch', 'torchattacks', 'foolbox'):
+    assert report['peers'][peer]['status'] == 'skipped'
+
+
+def _check_ratios(report):
+  r = report['results']
+  for name in ('resnet20', 'lenet_like'):
+    adv = r[f'pgd/{name}']['rows']['advdef']
+    assert _number(adv['images_per_s']) and adv['images_per_s'] > 0
+    assert _number(r[f'train/{name}']['rows']['advdef']['images_per_s'])
+    # Peers skipped: their rows say so, and the ratios are absent rather than made up.
+    assert r[f'pgd/{name}']['rows']['torch_plain']['status'].startswith('skipped')
+    assert r[f'pgd/{name}']['ratios']['vs_torch_plain'] is None
+    assert r[f'train/{name}']['ratios']['vs_torch'] is None
+    c = r['compile'][f'train/{name}']
+    assert _number(c['lower_compile_s']) and _number(c['first_call_minus_steady_s'])
+    assert _number(r['compile'][f'pgd/{name}']['lower_compile_s'])
+  assert _number(r['sap']['model_pass']['overhead_ratio'])
+  assert _number(r['sap']['one_layer']['speedup'])
+  assert _number(r['eot']['ratios']['speedup_vs_loop'])
+  assert _number(r['eot']['ratios']['diag_vectorized_step_alone_vs_loop'])
+  assert r['eot']['rows']['sequential_loop']['median_s'] > 0
+  assert _number(r['sweep']['ratios']['speedup_incl_compile'])
+  assert _number(r['sweep']['ratios']['speedup_steady_state'])
+  f = r['flops']
+  assert _number(f['matmul']['peak_flops_per_s']) and f['matmul']['peak_flops_per_s'] > 0
+  for name in ('resnet20', 'lenet_like'):
+    assert _number(f[name]['train_step']['fraction_of_peak'])
+    assert _number(f[name]['attack_step']['fraction_of_peak'])
+
+
+def _check_targets_and_table(report):
+  targets = {t['key']: t for t in report['targets']}
+  assert len(targets) == 8
+  for key in ('sap/overhead', 'eot/speedup', 'sweep/speedup', 'flops/train_fraction'):
+    assert targets[key]['status'] in ('PASS', 'MISS'), targets[key]
+    assert _number(targets[key]['value'])
+  for key in ('pgd/resnet20', 'pgd/lenet_like', 'train/resnet20', 'train/lenet_like'):
+    assert targets[key]['status'] == 'N/A'  # No peers, no verdict.
+  out = report['_stdout']
+  assert 'Targets:' in out and 'sequential loop' in out and 'matmul' in out
+
+
+def test_naive_host_sap_keeps_drawn_units_rescaled():
+  sys.path.insert(0, str(REPO / 'scripts'))
+  import benchmark
+  import jax
+  import jax.numpy as jnp
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (3, 4, 4, 2)))
+  out = np.asarray(benchmark.naive_host_sap(x, np.random.default_rng(0)))
+  xs = np.asarray(x)
+  assert out.shape == xs.shape
+  assert np.all(out[xs == 0] == 0)
+  kept = out != 0
+  assert kept.any()
+  assert np.all(np.abs(out[kept]) >= np.abs(xs[kept]) - 1e-6)  # Kept units are scaled up.
+  # Unbiased: the mean over many draws approaches x.
+  rng = np.random.default_rng(1)
+  mean = np.mean([np.asarray(benchmark.naive_host_sap(x, rng)) for _ in range(400)], axis=0)
+  np.testing.assert_allclose(mean, xs, atol=0.25 * float(jnp.max(x)))
