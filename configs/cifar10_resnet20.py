@@ -18,12 +18,8 @@ def get_config(arg=None):
   arg = config_utils.parse_arg(arg, arch='preact', source='tfds', cpu=False, smoke=False,
                                clean=False)
   config_utils.check_choice('arch', arg.arch, ('preact', 'postact'))
-  config_utils.check_choice('source', arg.source, ('tfds', 'npz'))
   c = config_utils.base_config()
-  if arg.source == 'npz':
-    c.data.update(source='npz', name='cifar10_partial', path='../shared/data/cifar10_partial.npz')
-  else:
-    c.data.update(source='tfds', name='cifar10')
+  config_utils.cifar10_data(c, arg.source)
   c.train.augment.update(crop_padding=4, flip=True)
   if arg.arch == 'preact':
     c.model.name = 'resnet20'
@@ -42,17 +38,12 @@ def get_config(arg=None):
                                for b in c.train.boundaries)
     c.train.batch_size = 128
     c.train.learning_rate = min(c.train.learning_rate, 0.1)
-  c.eval.update(batch_size=250, defenses=defenses, num_draws=100,
+  c.eval.update(batch_size=256, defenses=defenses, num_draws=100,
                 attacks=() if arg.clean else ('fgsm', 'pgd(steps=20)', 'apgd(loss=ce, steps=100)',
                                               'square(queries=1000)'),
                 norm='linf', epsilons=(1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255),
                 eot_samples=10, num_attack_examples=500)
   if arg.smoke:
-    c.data.update(source='fake', name='cifar10_shaped', fake_shape=(32, 32, 3),
-                  fake_num_train=64, fake_num_test=32)
-    c.train.update(num_epochs=1, batch_size=32, log_every_steps=1)
-    c.eval.update(batch_size=32, num_draws=2, eot_samples=2, num_attack_examples=8,
-                  epsilons=(8 / 255,), defenses=defenses[:2])
-    if not arg.clean:
-      c.eval.attacks = ('pgd(steps=2)',)
+    config_utils.cifar10_smoke(c)
+    c.eval.defenses = defenses[:2]
   return c

@@ -17,12 +17,8 @@ from advdef import config_utils
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, source='tfds', plain=False, cpu=False, smoke=False,
                                clean=False)
-  config_utils.check_choice('source', arg.source, ('tfds', 'npz'))
   c = config_utils.base_config()
-  if arg.source == 'npz':
-    c.data.update(source='npz', name='cifar10_partial', path='../shared/data/cifar10_partial.npz')
-  else:
-    c.data.update(source='tfds', name='cifar10')
+  config_utils.cifar10_data(c, arg.source)
   c.model.update(name='vgg16', normalize='none')
   rse = 'rse(sigma_init=0.2, sigma_inner=0.1)'
   c.train.update(num_epochs=200, batch_size=128, optimizer='sgd', learning_rate=0.01,
@@ -31,17 +27,11 @@ def get_config(arg=None):
                  augment=dict(crop_padding=4, flip=True), defense='none' if arg.plain else rse)
   if arg.cpu:
     c.train.update(num_epochs=20, boundaries=(8, 14, 18))
-  c.eval.update(batch_size=250, defenses=('none', rse), num_draws=50,
+  c.eval.update(batch_size=256, defenses=('none', rse), num_draws=50,
                 attacks=() if arg.clean else ('pgd(steps=20)', 'apgd(loss=ce, steps=100)',
                                               'square(queries=1000)'),
                 norm='linf', epsilons=(2 / 255, 4 / 255, 8 / 255), eot_samples=10,
                 num_attack_examples=500)
   if arg.smoke:
-    c.data.update(source='fake', name='cifar10_shaped', fake_shape=(32, 32, 3),
-                  fake_num_train=64, fake_num_test=32)
-    c.train.update(num_epochs=1, batch_size=32, log_every_steps=1)
-    c.eval.update(batch_size=32, num_draws=2, eot_samples=2, num_attack_examples=8,
-                  epsilons=(8 / 255,))
-    if not arg.clean:
-      c.eval.attacks = ('pgd(steps=2)',)
+    config_utils.cifar10_smoke(c)
   return c

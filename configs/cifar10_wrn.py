@@ -15,12 +15,8 @@ from advdef import config_utils
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, depth=34, widen=4, source='tfds', cpu=False, smoke=False,
                                clean=False)
-  config_utils.check_choice('source', arg.source, ('tfds', 'npz'))
   c = config_utils.base_config()
-  if arg.source == 'npz':
-    c.data.update(source='npz', name='cifar10_partial', path='../shared/data/cifar10_partial.npz')
-  else:
-    c.data.update(source='tfds', name='cifar10')
+  config_utils.cifar10_data(c, arg.source)
   c.model.name = 'wide_resnet'
   c.model.kwargs = dict(depth=arg.depth, widen=arg.widen, dropout=0.0)
   c.train.update(num_epochs=120, batch_size=128, optimizer='sgd', learning_rate=0.1,
@@ -28,7 +24,7 @@ def get_config(arg=None):
                  decay_factor=0.1, augment=dict(crop_padding=4, flip=True))
   if arg.cpu:
     c.train.update(num_epochs=10, boundaries=(5, 8))
-  c.eval.update(batch_size=200,
+  c.eval.update(batch_size=256,
                 defenses=('none', 'jump(kappa=0.03)', 'jump(kappa=0.06)', 'sap(frac=1.0)'),
                 num_draws=100,
                 attacks=() if arg.clean else ('pgd(steps=20)', 'apgd(loss=ce, steps=100)',
@@ -36,12 +32,7 @@ def get_config(arg=None):
                 norm='linf', epsilons=(2 / 255, 4 / 255, 8 / 255), eot_samples=10,
                 num_attack_examples=500)
   if arg.smoke:
-    c.data.update(source='fake', name='cifar10_shaped', fake_shape=(32, 32, 3),
-                  fake_num_train=32, fake_num_test=16)
+    config_utils.cifar10_smoke(c, num_train=32, num_test=16, batch_size=16)
     c.model.kwargs = dict(depth=10, widen=1, dropout=0.0)
-    c.train.update(num_epochs=1, batch_size=16, log_every_steps=1)
-    c.eval.update(batch_size=16, num_draws=2, eot_samples=2, num_attack_examples=8,
-                  epsilons=(8 / 255,), defenses=('none', 'jump(kappa=0.03)'))
-    if not arg.clean:
-      c.eval.attacks = ('pgd(steps=2)',)
+    c.eval.defenses = ('none', 'jump(kappa=0.03)')
   return c

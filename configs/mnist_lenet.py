@@ -30,7 +30,7 @@ def get_config(arg=None):
                  boundaries=tuple(e * epochs / 90 for e in (30, 60, 80)), log_every_steps=100,
                  checkpoint_every_epochs=5)
   c.eval.update(
-      batch_size=500,
+      batch_size=512,
       defenses=('none', 'jump(kappa=0.5)', 'jump(kappa=1.0)', 'jump(kappa=1.5)',
                 'sap(frac=1.0)', 'rse(sigma_init=0.2, sigma_inner=0.1)'),
       num_draws=50,
@@ -38,7 +38,7 @@ def get_config(arg=None):
                                     'square(queries=1000)'),
       norm='linf', epsilons=(0.05, 0.1, 0.2, 0.3), eot_samples=10, num_attack_examples=500)
   if arg.smoke:
-    c.train.update(num_epochs=1, log_every_steps=10)
+    c.train.update(num_epochs=2, batch_size=32, learning_rate=0.05, log_every_steps=10)
     c.data.num_train = 512
     c.data.num_test = 128
     c.eval.update(defenses=('none', 'jump(kappa=0.5)', 'sap(frac=1.0)'), num_draws=4,

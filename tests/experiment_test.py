@@ -221,3 +221,19 @@ def test_main_refuses_a_workdir_of_another_model_with_one_message(tmp_path):
   assert result.returncode == 2, result.stderr[-2000:]
   assert "holds checkpoints of model 'small_cnn'" in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_mnist_lenet_smoke_on_the_npz_source(tmp_path, mnist10k_path, monkeypatch):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('mnist_lenet', ROOT / 'configs' / 'mnist_lenet.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('source=npz,smoke')
+  config.data.path = str(mnist10k_path)
+  report = experiment.run(config, str(tmp_path), progress=False)
+  clean = {r['defense']: r for r in report['rows'] if r['attack'] == 'none'}
+  assert set(clean) == {'none', 'jump(kappa=0.5)', 'sap(frac=1.0)'}
+  assert clean['none']['n'] == 128
+  assert clean['none']['accuracy'] > 0.5  # 32 steps on 512 real digits already learn
+  pgd = [r for r in report['rows'] if r['attack'].startswith('pgd')]
+  assert pgd and all(r['epsilon'] == 0.3 for r in pgd)
