@@ -58,14 +58,20 @@ def _literal(text: str) -> Any:
     raise ValueError(f'cannot parse value {text!r}') from None
 
 
-def _split_top_level(text: str, sep: str) -> list[str]:
-  parts, depth, current = [], 0, []
+def split_top_level(text: str, sep: str) -> list[str]:
+  """Splits on `sep` outside brackets and quotes: 'a(x=1, y=2), b' -> ['a(x=1, y=2)', ' b']."""
+  parts, current, depth, quote = [], [], 0, None
   for ch in text:
-    if ch in '([{':
+    if quote:
+      if ch == quote:
+        quote = None
+    elif ch in '\'"':
+      quote = ch
+    elif ch in '([{':
       depth += 1
     elif ch in ')]}':
       depth -= 1
-    if ch == sep and depth == 0:
+    if ch == sep and depth == 0 and not quote:
       parts.append(''.join(current))
       current = []
     else:
@@ -83,7 +89,7 @@ def parse_spec(spec: str, *, field: str = 'spec') -> list[tuple[str, dict[str, A
   if not isinstance(spec, str) or not spec.strip():
     raise ValueError(f'{field}={spec!r}: expected a spec string such as "name(key=value)"')
   out = []
-  for part in _split_top_level(spec, '+'):
+  for part in split_top_level(spec, '+'):
     m = _SPEC_RE.match(part)
     if not m:
       raise ValueError(f'{field}={spec!r}: cannot parse {part.strip()!r}; expected '
@@ -91,7 +97,7 @@ def parse_spec(spec: str, *, field: str = 'spec') -> list[tuple[str, dict[str, A
     name, args = m.group(1), m.group(2)
     kwargs = {}
     if args and args.strip():
-      for item in _split_top_level(args, ','):
+      for item in split_top_level(args, ','):
         if not item.strip():
           continue
         key, eq, value = item.partition('=')

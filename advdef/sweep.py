@@ -60,6 +60,8 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
+from advdef import config_utils
+
 REPORT = 'report.json'
 POINT_FILE = 'sweep_point.json'
 ERROR_FILE = 'sweep_error.txt'
@@ -80,28 +82,6 @@ class SweepError(ValueError):
 
 # ------------------------------------------------------------------------------------------
 # The spec: product / zip of field=(values) axes.
-
-
-def _split_top(text: str, sep: str) -> list[str]:
-  """Splits on `sep` outside brackets and quotes."""
-  parts, current, depth, quote = [], [], 0, None
-  for ch in text:
-    if quote:
-      if ch == quote:
-        quote = None
-    elif ch in '\'"':
-      quote = ch
-    elif ch in '([{':
-      depth += 1
-    elif ch in ')]}':
-      depth -= 1
-    if ch == sep and depth == 0 and not quote:
-      parts.append(''.join(current))
-      current = []
-    else:
-      current.append(ch)
-  parts.append(''.join(current))
-  return parts
 
 
 _CALL_RE = re.compile(r'^\s*(product|zip)\s*\((.*)\)\s*$', re.S)
@@ -158,7 +138,7 @@ def parse_sweep_spec(text: str) -> list[dict[str, Any]]:
     m = _CALL_RE.match(term)
     if m:
       kind, inner = m.group(1), m.group(2)
-      parts = [p for p in _split_top(inner, ',') if p.strip()]
+      parts = [p for p in config_utils.split_top_level(inner, ',') if p.strip()]
       if not parts:
         raise SweepError(f'sweep {term.strip()!r}: {kind}() needs at least one term')
       return _combine(kind, [parse(p) for p in parts], term)
@@ -179,7 +159,7 @@ def parse_sweep_spec(text: str) -> list[dict[str, Any]]:
       raise SweepError(f'sweep term {term.strip()!r}: empty tuple of values')
     return [{field: _freeze(v)} for v in values]
 
-  parts = [p for p in _split_top(text, ',') if p.strip()]
+  parts = [p for p in config_utils.split_top_level(text, ',') if p.strip()]
   if len(parts) == 1:
     return parse(parts[0])
   return _combine('product', [parse(p) for p in parts], text)
