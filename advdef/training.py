@@ -222,6 +222,7 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
                                     fingerprint=fingerprint(config, info))
   ckpt.check_compatible()  # Before any compute: a workdir of another run is refused.
   tx = create_optimizer(tc, spe)
+  schedule = make_schedule(tc, spe)  # for logging the learning rate
   root = jax.random.key(config.seed)
   init_key, train_key, data_key = (jax.random.fold_in(root, i) for i in range(3))
   # Replicated before the restore: orbax restores into the target's sharding.
@@ -276,7 +277,7 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
               'train.learning_rate or check the data.')
         last_good = step
         scalars = {f'train/{k}': v for k, v in means.items()}
-        scalars['train/learning_rate'] = float(make_schedule(tc, spe)(step - 1))
+        scalars['train/learning_rate'] = float(schedule(step - 1))
         if end_of_epoch and ((step // spe) % tc.eval_every_epochs == 0 or step == total_steps):
           test = evaluate_clean(eval_step, variables_of(state), test_images, test_labels,
                                 config.eval.batch_size, mesh)
