@@ -164,6 +164,8 @@ def base_config() -> ml_collections.ConfigDict:
       nesterov=False, weight_decay=5e-4, schedule='cosine', boundaries=(), decay_factor=0.1,
       warmup_epochs=0.0, label_smoothing=0.0, augment=dict(crop_padding=0, flip=False),
       defense='none',           # a training-time defense spec, e.g. RSE's noise
+      recipe='standard',        # the loss: standard | pgd_at | fgsm_mix | trades | anp | bp
+      init_from='',             # a trained run's workdir to start from (ANP fine-tunes one)
       checkpoint='',            # a trained run's workdir: skip training and evaluate it
       checkpoint_every_epochs=1, keep_checkpoints=3, log_every_steps=50, eval_every_epochs=1)
   c.eval = dict(
@@ -182,7 +184,13 @@ def base_config() -> ml_collections.ConfigDict:
       # In-graph sweep of one defense hyperparameter (advdef.sweeps); defense='' = off.
       # values: the grid; fixed: the other hyperparameters, e.g. 'surrogate=relu'.
       sweep=dict(defense='', param='', values=(), fixed='', attack='pgd(steps=10)',
-                 epsilon=0.1))
+                 epsilon=0.1),
+      # Latent-feature vulnerability (ANP-VS): the mean |z(x) - z(x_adv)| over the model's
+      # activations, x_adv from `attack` at `epsilon` (white-box), and from the same attack
+      # on the model of `source` (a trained run's workdir; black-box) when given.
+      # attack='' = off. num_examples: 0 = num_attack_examples.
+      vulnerability=dict(attack='', epsilon=0.0, source='', num_examples=0),
+      export_pruned=True)      # masked models: export the physically pruned network
   c.report = dict(tensorboard=True)
   # Data parallelism, see advdef.parallel: batches split over num_devices (0 = all).
   c.parallel = dict(num_devices=0, distributed=False, coordinator_address='',

@@ -27,7 +27,10 @@ from advdef import config_utils
 from advdef import data as data_lib
 from advdef import evaluation
 from advdef import metric_writers
+from advdef import model_summary
 from advdef import models
+from advdef import pruning
+from advdef import recipes
 from advdef import reporting
 from advdef import retrofit
 from advdef import training
@@ -62,6 +65,11 @@ def validate_config(config) -> None:
     config_utils.check_positive('train.boundaries', b)
   retrofit.make_transforms(config_utils.parse_spec(t.defense, field='train.defense'),
                            field='train.defense')
+  recipe = recipes.parse_recipe(t.recipe)
+  recipe.placement(config.model.name)  # ANP/BP on a model without a default placement
+  if t.init_from and not os.path.exists(t.init_from):
+    raise ValueError(f'train.init_from={t.init_from!r} does not exist; give the workdir of a '
+                     'trained run of the same model and data, or leave it empty')
   if t.checkpoint and not os.path.exists(t.checkpoint):
     raise ValueError(f'train.checkpoint={t.checkpoint!r} does not exist; give the workdir of a '
                      'trained run, or leave it empty to train')
@@ -76,6 +84,7 @@ def validate_config(config) -> None:
                              field=f'eval.defenses[{i}]')
   from advdef import robustness  # Attacks are optional to import for clean-only use.
   robustness.validate_eval_config(e)
+  model_summary.validate_vulnerability_config(e)
   # --- sweeps: eval.sweep (advdef.sweeps) ---
   from advdef import sweeps
   sweeps.validate_sweep_config(e)
@@ -103,9 +112,15 @@ class Run:
 
 
 def build_model(config, info) -> nn.Module:
+  """The registry model in eval form: with its test-time pruning masks when the recipe
+  learns them (anp, bp), so every evaluation path sees the masked network."""
   kwargs = dict(config.model.kwargs)
-  return models.create_model(config.model.name, num_classes=info.num_classes, mean=info.mean,
-                             std=info.std, normalize=config.model.normalize, **kwargs)
+  model = models.create_model(config.model.name, num_classes=info.num_classes, mean=info.mean,
+                              std=info.std, normalize=config.model.normalize, **kwargs)
+  placement = recipes.parse_recipe(config.train.recipe).placement(config.model.name)
+  if placement is not None:
+    model = model.clone(hook=pruning.mask_hook(placement, training=False))
+  return model
 
 
 def prepare(config, workdir: str | None = None) -> tuple[data_lib.Splits, nn.Module]:
@@ -114,6 +129,9 @@ def prepare(config, workdir: str | None = None) -> tuple[data_lib.Splits, nn.Mod
   validate_config(config)
   splits = data_lib.load_dataset(config.data)
   model = build_model(config, splits.info)
+  placement = recipes.parse_recipe(config.train.recipe).placement(config.model.name)
+  if placement is not None:  # every mask glob must name a conv_out/dense_in site
+    pruning.masked_sites(placement, model.clone(hook=None), splits.info.image_shape)
   ckpt_dir = os.path.join(workdir or '', 'checkpoints')
   if workdir and os.path.isdir(ckpt_dir) and not config.train.checkpoint:
     with checkpointing.Checkpointer(ckpt_dir, fingerprint=training.fingerprint(
@@ -150,7 +168,7 @@ def run(config, workdir: str, *, progress: bool = True, prepared=None) -> dict[s
   finally:
     writer.close()
 
-  report = evaluate_run(config, model, variables, splits)
+  report = evaluate_run(config, model, variables, splits, workdir=workdir if is_main else None)
   report['training'] = summary
   report['wall_seconds'] = time.time() - t0
   if is_main:
@@ -162,8 +180,9 @@ def run(config, workdir: str, *, progress: bool = True, prepared=None) -> dict[s
   return report
 
 
-def evaluate_run(config, model, variables, splits) -> dict[str, Any]:
-  """Clean rows for every defense, then attack rows, worst cases and checks."""
+def evaluate_run(config, model, variables, splits, workdir=None) -> dict[str, Any]:
+  """Clean rows for every defense, then attack rows, worst cases and checks, and the model
+  summary (sparsity, FLOPs, memory, vulnerability; the pruned export goes to workdir)."""
   from advdef import robustness
   images, labels = splits.test_images, splits.test_labels.astype(np.int32)
   if config.eval.num_examples:
@@ -190,6 +209,8 @@ def evaluate_run(config, model, variables, splits) -> dict[str, Any]:
   }
   if sweep_rows:  # --- sweeps ---
     report['sweeps'] = sweep_rows
+  report['model_summary'] = model_summary.summarize(
+      config, model, variables, images, labels, jax.random.fold_in(eval_key, 4), workdir)
   return report
 
 

@@ -56,6 +56,7 @@ class Site(nn.Module):
   def site_name(self) -> str:
     return '/'.join(self.path)
 
+  @nn.compact  # so a hook may create parameters here (ANP's masks, advdef.pruning)
   def __call__(self, x):
     return (self.hook or plain_hook)(self, x)
 

@@ -54,7 +54,7 @@ CHECK_STATUSES = ('pass', 'warn', 'fail')
 
 _REQUIRED_REPORT_KEYS = ('advdef_version', 'created', 'config', 'dataset', 'model', 'training',
                          'rows', 'checks', 'notes')
-_OPTIONAL_REPORT_KEYS = ('sweeps', 'wall_seconds', 'machine')
+_OPTIONAL_REPORT_KEYS = ('sweeps', 'wall_seconds', 'machine', 'model_summary')
 _REQUIRED_ROW_KEYS = ('defense', 'attack', 'norm', 'epsilon', 'accuracy', 'ci95', 'n')
 _OPTIONAL_ROW_KEYS = ('per_draw_accuracy', 'per_draw_ci95', 'num_draws', 'nll', 'ece', 'brier',
                       'calibration_bins', 'median_perturbation', 'median_relative_perturbation',
@@ -561,6 +561,20 @@ def render_markdown(report: Mapping[str, Any]) -> str:
           [[_format_cell(v), _pct(c), _pct(r)] for v, c, r in
            zip(sweep['values'], sweep['clean_accuracy'], sweep['robust_accuracy'])],
           [sweep['param'], 'clean accuracy', 'robust accuracy']))
+
+  summary = report.get('model_summary')
+  if summary:
+    out.append('## Model: sparsity, FLOPs, memory, vulnerability\n')
+    out.append('Sparsity is the % of mask units pruned; FLOPs speed-up and memory % are '
+               'counted as the ANP-VS code counts them; vulnerability is the mean '
+               '|z(x) - z(x_adv)| over the activations.\n')
+    flat = flatten_dict({k: v for k, v in summary.items() if k not in ('units', 'active_units')})
+    out.append(format_table([[k, _format_cell(v)] for k, v in flat.items()],
+                            ['quantity', 'value']))
+    if summary.get('units'):
+      out.append(format_table([[site, summary['active_units'][site], n]
+                               for site, n in summary['units'].items()],
+                              ['mask site', 'active units', 'units']))
 
   if report['notes']:
     out.append('## Notes\n')

@@ -51,10 +51,11 @@ class SiteTransform:
   fn: Callable[[Any, jax.Array, models.Site], jax.Array]
   stochastic: bool
   in_training: bool
-  sites: str = '*'
+  sites: str | tuple[str, ...] = '*'  # a glob over site names, or several
 
   def matches(self, site: models.Site) -> bool:
-    return fnmatch.fnmatchcase(site.site_name, self.sites)
+    globs = (self.sites,) if isinstance(self.sites, str) else self.sites
+    return any(fnmatch.fnmatchcase(site.site_name, g) for g in globs)
 
 
 class Retrofit:
@@ -189,12 +190,28 @@ def validate_for_model(spec: str, model: nn.Module, input_shape, *, field='defen
                        f'(sites={t.sites!r}); valid {kinds} sites: {", ".join(names)}')
 
 
+def compose(base: Retrofit | None, extra: Retrofit | None) -> Retrofit | None:
+  """One hook running `base`'s transforms (e.g. a model's pruning masks) before `extra`'s."""
+  if base is None or extra is None:
+    return base if extra is None else extra
+  if not isinstance(base, Retrofit) or not isinstance(extra, Retrofit):
+    raise TypeError('only Retrofit hooks compose; got '
+                    f'{type(base).__name__} and {type(extra).__name__}')
+  return Retrofit(base.transforms + extra.transforms, training=extra.training)
+
+
+def with_defense(model: nn.Module, hook: Retrofit | None) -> nn.Module:
+  """The model with a defense hook added after the hook it already has (its masks)."""
+  return model.clone(hook=compose(model.hook, hook))
+
+
 def make_logits_fn(model: nn.Module, variables, hook=None):
   """Returns logits_fn(x, key) -> logits for the (possibly defended) model in eval mode.
 
-  x: float32[B, H, W, C] in [0, 1]; the key feeds the defense's randomness.
+  x: float32[B, H, W, C] in [0, 1]; the key feeds the defense's randomness. A hook the
+  model already carries (pruning masks) stays, and runs before the defense's.
   """
-  defended = model.clone(hook=hook)
+  defended = with_defense(model, hook)
 
   def logits_fn(x, key):
     return defended.apply(variables, x, train=False, rngs={'defense': key})

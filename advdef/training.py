@@ -33,6 +33,8 @@ from advdef import config_utils
 from advdef import data as data_lib
 from advdef import metric_writers
 from advdef import parallel
+from advdef import pruning
+from advdef import recipes
 from advdef import retrofit
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
@@ -49,6 +51,9 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
+  # (params, batch_stats) at the start of the epoch, for recipes that attack the model of
+  # the previous epoch (fgsm_mix(source=previous_epoch)); {} otherwise.
+  snapshot: Any = flax.struct.field(default_factory=dict)
 
 
 def make_schedule(train_config, steps_per_epoch: int) -> optax.Schedule:
@@ -93,14 +98,39 @@ def create_optimizer(train_config, steps_per_epoch: int) -> optax.GradientTransf
 
 
 def create_train_state(key, model: nn.Module, tx: optax.GradientTransformation,
-                       input_shape) -> TrainState:
+                       input_shape, *, snapshot: bool = False,
+                       init_variables: dict[str, Any] | None = None) -> TrainState:
+  """A fresh state. init_variables: trained params/batch_stats (e.g. a clean model that
+  ANP fine-tunes) overriding the fresh ones they name; parameters they lack (masks) stay
+  freshly initialised."""
   x = jnp.zeros((1, *input_shape), jnp.float32)
   params_key, dropout_key, defense_key = jax.random.split(key, 3)
   variables = model.init({'params': params_key, 'dropout': dropout_key, 'defense': defense_key},
                          x, train=False)
   params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+  batch_stats = variables.get('batch_stats', {})
+  if init_variables is not None:
+    params = _override(params, init_variables['params'])
+    batch_stats = _override(batch_stats, init_variables.get('batch_stats', {}))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params),
+                    # Copies: the donated state must not hold one buffer twice.
+                    snapshot=jax.tree_util.tree_map(
+                        jnp.copy, {'params': params, 'batch_stats': batch_stats})
+                    if snapshot else {})
+
+
+def _override(fresh, trained):
+  """`fresh` with every leaf that `trained` has at the same path (shapes must agree)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(fresh))
+  for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(trained)).items():
+    if path not in flat:
+      raise ValueError(f'train.init_from holds {"/".join(path)}, which this model lacks')
+    if tuple(flat[path].shape) != tuple(value.shape):
+      raise ValueError(f'train.init_from: {"/".join(path)} has shape {tuple(value.shape)}, '
+                       f'this model expects {tuple(flat[path].shape)}')
+    flat[path] = jnp.asarray(value)
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def variables_of(state: TrainState) -> dict[str, Any]:
@@ -121,44 +151,76 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
 
 def make_train_step(model: nn.Module, tx, *, batch_size: int, steps_per_epoch: int,
                     crop_padding: int = 0, flip: bool = False, label_smoothing: float = 0.0,
-                    train_defense: str = 'none', mesh=None) -> Callable:
+                    train_defense: str = 'none', recipe: str | recipes.Recipe = 'standard',
+                    placement: pruning.Placement | None = None, num_train: int = 0,
+                    unroll_attacks: bool | None = None, mesh=None) -> Callable:
   """Returns the jitted train step (state donated).
 
   step(state, images_u8 [N,H,W,C], labels [N], perm int32[N], train_key) -> (state, metrics)
   The batch is perm[(step % steps_per_epoch) * B : ...], augmented from fold_in(key, step).
+  `model` is the eval-mode network (with test-time masks when `placement` is given; the
+  recipe's attacks run on it); training runs it with dropout, sampled masks and
+  `train_defense`. `recipe` (advdef.recipes) chooses the loss; num_train is ANP's N.
+  unroll_attacks: unroll attack loops (default: on CPU, where it is ~3x faster).
   With a mesh (advdef.parallel), the drawn batch is split over its 'data' axis (B must be a
   multiple of the device count) and the new state and metrics come back replicated; pass
   the state and data set replicated (parallel.replicate).
   """
-  hook = retrofit.build_hook(train_defense, training=True, field='train.defense')
-  train_model = model.clone(hook=hook)
+  if isinstance(recipe, str):
+    recipe = recipes.parse_recipe(recipe)
+  if recipe.uses_masks and placement is None:
+    raise ValueError(f'train.recipe={recipe.name!r} needs a mask placement')
+  if unroll_attacks is None:
+    unroll_attacks = jax.default_backend() == 'cpu'
+  defense_hook = retrofit.build_hook(train_defense, training=True, field='train.defense')
+  base = model.clone(hook=None)
+  plain_train = base.clone(hook=retrofit.compose(
+      pruning.mask_hook(placement, training=True), defense_hook))
+  capturing_train = base.clone(hook=retrofit.compose(
+      pruning.mask_hook(placement, training=True, capture_features=True), defense_hook))
+
+  def forward(params, batch_stats, x, key, capture):
+    dropout_key, defense_key = jax.random.split(key)
+    variables = {'params': params}
+    mutable = ['intermediates'] if capture else []
+    if batch_stats:
+      variables['batch_stats'] = batch_stats
+      mutable.append('batch_stats')
+    logits, updates = (capturing_train if capture else plain_train).apply(
+        variables, x, train=True, mutable=mutable,
+        rngs={'dropout': dropout_key, 'defense': defense_key})
+    features = pruning.latent_features(updates['intermediates']) if capture else []
+    return logits, updates.get('batch_stats', batch_stats), features
+
+  def eval_logits_fn(params, batch_stats):
+    variables = {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
+    return lambda x, key: model.apply(variables, x, train=False)
+
+  ctx = recipes.StepContext(
+      forward=forward, eval_logits_fn=eval_logits_fn,
+      cross_entropy=lambda logits, y: cross_entropy(logits, y, label_smoothing),
+      num_train=num_train, unroll=unroll_attacks)
 
   def step_fn(state, images, labels, perm, train_key):
     step_key = jax.random.fold_in(train_key, state.step)
-    aug_key, dropout_key, defense_key = jax.random.split(step_key, 3)
+    aug_key, recipe_key = jax.random.split(step_key)
     x, y = data_lib.train_batch(images, labels, perm, state.step % steps_per_epoch, aug_key,
                                 batch_size=batch_size, crop_padding=crop_padding, flip=flip)
     if mesh is not None:
       x, y = parallel.constrain_batch((x, y), mesh)
-
-    def loss_fn(params):
-      variables = {'params': params}
-      mutable = []
-      if state.batch_stats:
-        variables['batch_stats'] = state.batch_stats
-        mutable = ['batch_stats']
-      logits, updates = train_model.apply(variables, x, train=True, mutable=mutable,
-                                          rngs={'dropout': dropout_key, 'defense': defense_key})
-      loss = jnp.mean(cross_entropy(logits, y, label_smoothing))
-      return loss, (logits, updates)
-
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    snapshot = state.snapshot
+    if recipe.needs_snapshot:  # the model as it was when this epoch began
+      new_epoch = state.step % steps_per_epoch == 0
+      current = {'params': state.params, 'batch_stats': state.batch_stats}
+      snapshot = jax.tree_util.tree_map(lambda c, s: jnp.where(new_epoch, c, s), current,
+                                        snapshot)
+    source = (snapshot['params'], snapshot['batch_stats']) if snapshot else None
+    grads, batch_stats, metrics = recipes.recipe_grads(
+        recipe, ctx, state.params, state.batch_stats, source, x, y, recipe_key)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
-    new_state = TrainState(step=state.step + 1, params=params,
-                           batch_stats=updates.get('batch_stats', state.batch_stats),
-                           opt_state=opt_state)
-    metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == y)}
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                           opt_state=opt_state, snapshot=snapshot)
     return new_state, metrics
 
   if mesh is None:
@@ -196,10 +258,34 @@ def evaluate_clean(eval_step, variables, images, labels, batch_size,
           'n': count}
 
 
-def fingerprint(config, info) -> dict[str, Any]:
-  """What a checkpoint belongs to; a workdir holding another model or data set is refused."""
-  return {'model': config.model.name, 'dataset': f'{config.data.source}:{config.data.name}',
-          'num_classes': int(info.num_classes), 'image_shape': list(info.image_shape)}
+def fingerprint(config, info, *, with_masks: bool = True) -> dict[str, Any]:
+  """What a checkpoint belongs to; a workdir holding another model or data set is refused.
+
+  Runs with pruning masks (recipes anp, bp) also record the mask sites, since their
+  parameters differ from the plain model's.
+  """
+  fp = {'model': config.model.name, 'dataset': f'{config.data.source}:{config.data.name}',
+        'num_classes': int(info.num_classes), 'image_shape': list(info.image_shape)}
+  placement = recipes.parse_recipe(config.train.recipe).placement(config.model.name)
+  if with_masks and placement is not None:
+    fp['mask_sites'] = list(placement.sites)
+  return fp
+
+
+def load_init_variables(config, model: nn.Module, info) -> dict[str, Any] | None:
+  """The trained variables named by train.init_from (a workdir of a run of the same model
+  and data without masks), or None when it is empty."""
+  path = config.train.init_from
+  if not path:
+    return None
+  base = model.clone(hook=None)
+  shapes = jax.eval_shape(lambda: create_train_state(jax.random.key(0), base, optax.identity(),
+                                                     info.image_shape))
+  target = {'params': shapes.params}
+  if shapes.batch_stats:
+    target['batch_stats'] = shapes.batch_stats
+  return dict(checkpointing.restore_variables(
+      path, target, expected_fingerprint=fingerprint(config, info, with_masks=False)))
 
 
 def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.Splits, *,
@@ -221,13 +307,18 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
   ckpt = checkpointing.Checkpointer(f'{workdir}/checkpoints', keep=tc.keep_checkpoints,
                                     fingerprint=fingerprint(config, info))
   ckpt.check_compatible()  # Before any compute: a workdir of another run is refused.
-  tx = create_optimizer(tc, spe)
+  recipe = recipes.parse_recipe(tc.recipe)
+  placement = recipe.placement(config.model.name)
   schedule = make_schedule(tc, spe)  # for logging the learning rate
+  tx = recipes.wrap_optimizer(recipe, create_optimizer(tc, spe), schedule)
   root = jax.random.key(config.seed)
   init_key, train_key, data_key = (jax.random.fold_in(root, i) for i in range(3))
-  # Replicated before the restore: orbax restores into the target's sharding.
-  state = parallel.replicate(create_train_state(init_key, model, tx, info.image_shape), mesh)
   start = ckpt.latest_step()
+  init_vars = load_init_variables(config, model, info) if start is None else None
+  # Replicated before the restore: orbax restores into the target's sharding.
+  state = parallel.replicate(create_train_state(
+      init_key, model, tx, info.image_shape, snapshot=recipe.needs_snapshot,
+      init_variables=init_vars), mesh)
   if start is not None:
     state = ckpt.restore(start, target=state)
     logging.info('Resumed from step %d in %s', start, workdir)
@@ -243,6 +334,7 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
   step_fn = make_train_step(model, tx, batch_size=tc.batch_size, steps_per_epoch=spe,
                             crop_padding=tc.augment.crop_padding, flip=tc.augment.flip,
                             label_smoothing=tc.label_smoothing, train_defense=tc.defense,
+                            recipe=recipe, placement=placement, num_train=info.num_train,
                             mesh=mesh)
   eval_step = make_eval_step(model)
   permute = jax.jit(data_lib.epoch_permutation, static_argnums=2,
