@@ -288,7 +288,9 @@ def count_flops_and_memory(model_name: str, active_units: Mapping[str, int] | No
   flops_dense, memory_dense = _count(plan, full, input_shape, num_classes)
   flops_pruned, memory_pruned = _count(plan, units, input_shape, num_classes)
   return {'flops_dense': flops_dense, 'flops_pruned': flops_pruned,
-          'flops_speedup': flops_dense / flops_pruned,
+          # A network with every unit pruned has no meaningful count (the authors' dense
+          # formula (2 in - 1) out even goes negative at in = 0): None, not a division error.
+          'flops_speedup': flops_dense / flops_pruned if flops_pruned > 0 else None,
           'memory_dense': memory_dense, 'memory_pruned': memory_pruned,
           'memory_percent': 100.0 * memory_pruned / memory_dense}
 

@@ -3,12 +3,16 @@
 VGG-16 on CIFAR-10 as in Random Self-Ensemble (Liu et al. 2018, the BayesianDefense code):
 Gaussian noise before every convolution (sigma_init = 0.2 on the input, sigma_inner = 0.1),
 active in training and at inference, on [0, 1] inputs with no normalization; SGD lr 0.01,
-momentum 0.9, wd 5e-4, batch 128, stages of 80/60/40/20 epochs with lr / 10 after each.
-Prediction averages the softmax over 10 to 50 noise draws. Pass `plain` to train without
-noise (a baseline to retrofit).
+momentum 0.9, wd 5e-4, batch 128, stages of 80/60/40/20 epochs with lr / 10 after each
+(piecewise boundaries 80, 140, 180 of 200), random crop (pad 4) and flip. The authors start a
+new SGD optimizer at each stage, resetting its momentum; advdef keeps one optimizer and its
+momentum across the stages. Prediction averages the softmax over 10 to 50 noise draws
+(eval.num_draws = 50, the authors' script). Pass `plain` to train without noise (a baseline
+to retrofit).
 
 Arguments: source=tfds (default) | npz (../shared/data/cifar10_partial.npz); `plain`; `cpu`
-(20 epochs); `smoke` (fake data, a few steps); `clean` (no attacks).
+(20 epochs, the stages scaled); `smoke` (fake data, a few steps, noisy training kept);
+`clean` (no attacks).
 """
 
 from advdef import config_utils
