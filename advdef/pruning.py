@@ -147,7 +147,7 @@ def concrete_mask(key, log_pi, batch: int, temperature: float = TEMPERATURE):
   """Relaxed Bernoulli masks float32[batch, units] around pi = exp(log_pi)."""
   u = jax.random.uniform(key, (batch, log_pi.shape[-1]), minval=_U_EPS, maxval=1 - _U_EPS)
   logit_pi = log_pi - jnp.log(-jnp.expm1(log_pi))
-  return jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + logit_pi) / temperature)
+  return jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + logit_pi[None, :]) / temperature)
 
 
 def kl_divergence(a_uc, b_uc, alpha: float = PRIOR_ALPHA):

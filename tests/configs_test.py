@@ -104,6 +104,7 @@ def test_smoke_shrinks_the_recipes_attack(name, arg):
     assert smoke.hparams['steps'] == 2 < full.hparams['steps']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,arg,recipe', SMOKE_RUNS,
                          ids=[f'{n[:-3]}:{a}' for n, a, _ in SMOKE_RUNS])
 def test_recipe_smoke_runs_end_to_end(name, arg, recipe, tmp_path):

@@ -237,7 +237,7 @@ _N_TRAIN = 50
 
 
 def _toy_net(p, x):
-  """logits and features of a one-layer net with a (deterministic, E[pi]) mask on its input."""
+  """Logits and features of a two-layer net with a deterministic (E[pi]) mask on its input."""
   h = x.reshape((x.shape[0], -1)) * pruning.expected_pi(p['site']['bb_a_uc'],
                                                         p['site']['bb_b_uc'])[None, :]
   hidden = jax.nn.relu(h @ p['w1'])
