@@ -117,7 +117,7 @@ def build_model(config, info) -> nn.Module:
   kwargs = dict(config.model.kwargs)
   model = models.create_model(config.model.name, num_classes=info.num_classes, mean=info.mean,
                               std=info.std, normalize=config.model.normalize, **kwargs)
-  placement = recipes.parse_recipe(config.train.recipe).placement(config.model.name)
+  placement = recipes.mask_placement(config)
   if placement is not None:
     model = model.clone(hook=pruning.mask_hook(placement, training=False))
   return model
@@ -129,7 +129,7 @@ def prepare(config, workdir: str | None = None) -> tuple[data_lib.Splits, nn.Mod
   validate_config(config)
   splits = data_lib.load_dataset(config.data)
   model = build_model(config, splits.info)
-  placement = recipes.parse_recipe(config.train.recipe).placement(config.model.name)
+  placement = recipes.mask_placement(config)
   if placement is not None:  # every mask glob must name a conv_out/dense_in site
     pruning.masked_sites(placement, model.clone(hook=None), splits.info.image_shape)
   ckpt_dir = os.path.join(workdir or '', 'checkpoints')

@@ -110,7 +110,7 @@ def summarize(config, model, variables, images, labels, key, workdir=None) -> di
                         jax.tree_util.tree_leaves_with_path(params)
                         if not pruning.is_mask_param(path))),
   }
-  placement = recipes.parse_recipe(config.train.recipe).placement(config.model.name)
+  placement = recipes.mask_placement(config)
   active = None
   if placement is not None:
     sparsity = pruning.sparsity_summary(params)

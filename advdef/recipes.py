@@ -89,6 +89,11 @@ class Recipe:
     return pruning.placement_from(model_name, **{k: self.hparams[k] for k in _MASK_KEYS})
 
 
+def mask_placement(config) -> pruning.Placement | None:
+  """Where a config's recipe puts pruning masks on its model; None without masks."""
+  return parse_recipe(config.train.recipe).placement(config.model.name)
+
+
 def parse_recipe(spec: str, field: str = FIELD) -> Recipe:
   """Spec string -> Recipe, with every argument checked (messages name `field`)."""
   parsed = config_utils.parse_spec(spec, field=field)

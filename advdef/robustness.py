@@ -26,12 +26,10 @@ Attacks, scoring and checks run data parallel: every batch is split over the dev
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
 import sys
 import time
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,6 @@ steps an uninterrupted run would have taken.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -29,7 +28,6 @@ import numpy as np
 import optax
 
 from advdef import checkpointing
-from advdef import config_utils
 from advdef import data as data_lib
 from advdef import metric_writers
 from advdef import parallel
@@ -266,7 +264,7 @@ def fingerprint(config, info, *, with_masks: bool = True) -> dict[str, Any]:
   """
   fp = {'model': config.model.name, 'dataset': f'{config.data.source}:{config.data.name}',
         'num_classes': int(info.num_classes), 'image_shape': list(info.image_shape)}
-  placement = recipes.parse_recipe(config.train.recipe).placement(config.model.name)
+  placement = recipes.mask_placement(config)
   if with_masks and placement is not None:
     fp['mask_sites'] = list(placement.sites)
   return fp
