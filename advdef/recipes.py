@@ -20,7 +20,7 @@ constant, as in the ANP-VS and TRADES code. Epsilons are in [0, 1] pixels.
       TRADES (Zhang et al. 2019): CE(x) + beta KL(p(x) || p(x_adv)), x_adv maximising that
       KL from x + 0.001 N(0, 1).
   anp(beta, lam, eps, step_size=None, steps=20, adv_weight=2.0, mask_lr_scale=10.0,
-      mask_sites=None, a_uc_init_conv=None, a_uc_init_dense=None)
+      kl_examples=0, mask_sites=None, a_uc_init_conv=None, a_uc_init_dense=None)
       ANP-VS (Madaan et al. 2020) with Beta-Bernoulli masks (advdef.pruning). Masks
       minimise CE_adv + beta KL / N; weights minimise (CE_clean + adv_weight CE_adv) /
       (1 + adv_weight) + beta KL / N + lam V (+ train.weight_decay as the authors' 1e-4 L2),
@@ -31,6 +31,10 @@ constant, as in the ANP-VS and TRADES code. Epsilons are in [0, 1] pixels.
       and vgg16_anp); a_uc_init_*: initial a_uc of conv / dense masks.
   bp(beta, mask_lr_scale=10.0, kl_examples=0, mask_sites=None, ...)
       the BP baseline: the same masks with clean training, CE + beta KL / N for both groups.
+
+pgd_at, trades and anp take eps_warmup=f (default 0): the training attack's eps and step
+size grow linearly from 0 to their full values over the first f of the run's steps (a
+curriculum; short ANP runs from a clean model need it, see configs/mnist_anp.py).
 """
 
 from __future__ import annotations
@@ -53,12 +57,12 @@ FIELD = 'train.recipe'
 _SIGNATURES = {
     'standard': {},
     'pgd_at': dict(eps=None, step_size=None, steps=10, clean_weight=0.0, adv_weight=1.0,
-                   random_start=True),
+                   random_start=True, eps_warmup=0.0),
     'fgsm_mix': dict(eps=None, fraction=None, source='current'),
-    'trades': dict(eps=None, step_size=None, steps=10, beta=6.0),
+    'trades': dict(eps=None, step_size=None, steps=10, beta=6.0, eps_warmup=0.0),
     'anp': dict(beta=None, lam=None, eps=None, step_size=None, steps=20, adv_weight=2.0,
-                mask_lr_scale=10.0, kl_examples=0, mask_sites=None, a_uc_init_conv=None,
-                a_uc_init_dense=None),
+                mask_lr_scale=10.0, kl_examples=0, eps_warmup=0.0, mask_sites=None,
+                a_uc_init_conv=None, a_uc_init_dense=None),
     'bp': dict(beta=None, mask_lr_scale=10.0, kl_examples=0, mask_sites=None,
                a_uc_init_conv=None, a_uc_init_dense=None),
 }
@@ -122,6 +126,11 @@ def parse_recipe(spec: str, field: str = FIELD) -> Recipe:
       raise ValueError(f'{field}: {name}.eps={h["eps"]!r} must be in [0, 1] pixel units')
   if h.get('step_size') is not None:
     positive('step_size')
+  if 'eps_warmup' in h:
+    positive('eps_warmup', allow_zero=True)
+    if h['eps_warmup'] >= 1:
+      raise ValueError(f'{field}: {name}.eps_warmup={h["eps_warmup"]!r} is a fraction of the '
+                       'training steps, in [0, 1)')
   if 'steps' in h:
     positive('steps', integer=True)
   if name == 'pgd_at':
@@ -187,12 +196,14 @@ class StepContext:
   cross_entropy(logits, y) -> float32[B] (with the config's label smoothing).
   num_train: training-set size (ANP's N).
   unroll: unroll attack loops (XLA:CPU runs them ~3x faster unrolled).
+  total_steps: length of the run in steps (for eps_warmup; 0: no warm-up possible).
   """
   forward: Callable
   eval_logits_fn: Callable
   cross_entropy: Callable
   num_train: int
   unroll: bool
+  total_steps: int = 0
 
 
 def _accuracy(logits, y):
@@ -336,6 +347,29 @@ _LOSSES = {
 }
 
 
-def recipe_grads(recipe: Recipe, ctx: StepContext, params, batch_stats, snapshot, x, y, key):
-  """(grads, new_batch_stats, metrics) of one batch under `recipe`."""
-  return _LOSSES[recipe.name](ctx, recipe.hparams, params, batch_stats, snapshot, x, y, key)
+def attack_strength(h: dict[str, Any], step, total_steps: int):
+  """(eps, step_size) of the training attack at `step` (traced): with eps_warmup = f > 0
+  both grow linearly from 0 to their full values over the first f * total_steps steps."""
+  eps = h['eps']
+  step_size = h['step_size'] if h['step_size'] is not None else 2.5 * eps / h['steps']
+  warmup = h.get('eps_warmup', 0.0)
+  if not warmup:
+    return eps, step_size
+  if total_steps <= 0:
+    raise ValueError(f'{FIELD}: eps_warmup needs the run length (StepContext.total_steps)')
+  ramp = jnp.clip(jnp.asarray(step, jnp.float32) / (warmup * total_steps), 0.0, 1.0)
+  return eps * ramp, step_size * ramp
+
+
+def recipe_grads(recipe: Recipe, ctx: StepContext, params, batch_stats, snapshot, x, y, key,
+                 step=0):
+  """(grads, new_batch_stats, metrics) of one batch under `recipe` at train step `step`."""
+  h = recipe.hparams
+  metrics = {}
+  if 'eps' in h and h.get('eps_warmup'):
+    eps, step_size = attack_strength(h, step, ctx.total_steps)
+    h = {**h, 'eps': eps, 'step_size': step_size}
+    metrics['attack_eps'] = eps
+  grads, bs, recipe_metrics = _LOSSES[recipe.name](ctx, h, params, batch_stats, snapshot, x,
+                                                   y, key)
+  return grads, bs, {**recipe_metrics, **metrics}

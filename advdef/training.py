@@ -151,14 +151,16 @@ def make_train_step(model: nn.Module, tx, *, batch_size: int, steps_per_epoch: i
                     crop_padding: int = 0, flip: bool = False, label_smoothing: float = 0.0,
                     train_defense: str = 'none', recipe: str | recipes.Recipe = 'standard',
                     placement: pruning.Placement | None = None, num_train: int = 0,
-                    unroll_attacks: bool | None = None, mesh=None) -> Callable:
+                    total_steps: int = 0, unroll_attacks: bool | None = None,
+                    mesh=None) -> Callable:
   """Returns the jitted train step (state donated).
 
   step(state, images_u8 [N,H,W,C], labels [N], perm int32[N], train_key) -> (state, metrics)
   The batch is perm[(step % steps_per_epoch) * B : ...], augmented from fold_in(key, step).
   `model` is the eval-mode network (with test-time masks when `placement` is given; the
   recipe's attacks run on it); training runs it with dropout, sampled masks and
-  `train_defense`. `recipe` (advdef.recipes) chooses the loss; num_train is ANP's N.
+  `train_defense`. `recipe` (advdef.recipes) chooses the loss; num_train is ANP's N; total_steps, the
+  run's length, sets the recipe's eps warm-up.
   unroll_attacks: unroll attack loops (default: on CPU, where it is ~3x faster).
   With a mesh (advdef.parallel), the drawn batch is split over its 'data' axis (B must be a
   multiple of the device count) and the new state and metrics come back replicated; pass
@@ -197,7 +199,7 @@ def make_train_step(model: nn.Module, tx, *, batch_size: int, steps_per_epoch: i
   ctx = recipes.StepContext(
       forward=forward, eval_logits_fn=eval_logits_fn,
       cross_entropy=lambda logits, y: cross_entropy(logits, y, label_smoothing),
-      num_train=num_train, unroll=unroll_attacks)
+      num_train=num_train, unroll=unroll_attacks, total_steps=total_steps)
 
   def step_fn(state, images, labels, perm, train_key):
     step_key = jax.random.fold_in(train_key, state.step)
@@ -214,7 +216,7 @@ def make_train_step(model: nn.Module, tx, *, batch_size: int, steps_per_epoch: i
                                         snapshot)
     source = (snapshot['params'], snapshot['batch_stats']) if snapshot else None
     grads, batch_stats, metrics = recipes.recipe_grads(
-        recipe, ctx, state.params, state.batch_stats, source, x, y, recipe_key)
+        recipe, ctx, state.params, state.batch_stats, source, x, y, recipe_key, state.step)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -333,7 +335,7 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
                             crop_padding=tc.augment.crop_padding, flip=tc.augment.flip,
                             label_smoothing=tc.label_smoothing, train_defense=tc.defense,
                             recipe=recipe, placement=placement, num_train=info.num_train,
-                            mesh=mesh)
+                            total_steps=total_steps, mesh=mesh)
   eval_step = make_eval_step(model)
   permute = jax.jit(data_lib.epoch_permutation, static_argnums=2,
                     out_shardings=parallel.replicated(mesh))

@@ -37,7 +37,7 @@ def test_valid_specs_fill_in_the_defaults():
 
   r = recipes.parse_recipe('pgd_at(eps=0.1)')
   assert r.hparams == dict(eps=0.1, step_size=None, steps=10, clean_weight=0.0, adv_weight=1.0,
-                           random_start=True)
+                           random_start=True, eps_warmup=0.0)
   assert r.adversarial and not r.uses_masks
 
   r = recipes.parse_recipe('fgsm_mix(eps=0.1, fraction=0.2, source=previous_epoch)')
@@ -46,12 +46,12 @@ def test_valid_specs_fill_in_the_defaults():
   assert not recipes.parse_recipe('fgsm_mix(eps=0.1, fraction=0.2)').needs_snapshot
 
   r = recipes.parse_recipe('trades(eps=0.3)')
-  assert r.hparams == dict(eps=0.3, step_size=None, steps=10, beta=6.0)
+  assert r.hparams == dict(eps=0.3, step_size=None, steps=10, beta=6.0, eps_warmup=0.0)
 
   r = recipes.parse_recipe('anp(beta=4, lam=0.001, eps=0.3)')
   assert r.hparams == dict(beta=4, lam=0.001, eps=0.3, step_size=None, steps=20,
-                           adv_weight=2.0, mask_lr_scale=10.0, kl_examples=0, mask_sites=None,
-                           a_uc_init_conv=None, a_uc_init_dense=None)
+                           adv_weight=2.0, mask_lr_scale=10.0, kl_examples=0, eps_warmup=0.0,
+                           mask_sites=None, a_uc_init_conv=None, a_uc_init_dense=None)
   assert r.adversarial and r.uses_masks
   assert r.placement('lenet5_caffe') == pruning.DEFAULT_PLACEMENTS['lenet5_caffe']
 
@@ -91,6 +91,9 @@ def test_valid_specs_fill_in_the_defaults():
     ('pgd_at(eps=0.1, step_size=-0.01)', 'step_size'),
     ('pgd_at(eps=0.1, random_start=yes)', 'random_start'),
     ('bp(beta=4, mask_lr_scale=-1)', 'mask_lr_scale'),
+    ('pgd_at(eps=0.1, eps_warmup=1.0)', 'eps_warmup'),                # a fraction < 1
+    ('anp(beta=4, lam=0, eps=0.3, eps_warmup=-0.1)', 'eps_warmup'),
+    ('fgsm_mix(eps=0.1, fraction=0.5, eps_warmup=0.5)', 'eps_warmup'),  # one-step: none
     ('pgd_at(eps=0.1', 'pgd_at'),                                    # malformed
 ])
 def test_bad_specs_raise_naming_the_field_and_the_argument(spec, argument):
@@ -244,7 +247,7 @@ def _toy_net(p, x):
   return hidden @ p['w2'], [h, hidden]
 
 
-def _toy_setup(recipe):
+def _toy_setup(recipe, step=0, total_steps=0):
   rng = np.random.default_rng(0)
   params = {'w1': jnp.asarray(rng.normal(0, 0.5, (16, 12)), jnp.float32),
             'w2': jnp.asarray(rng.normal(0, 0.5, (12, 5)), jnp.float32),
@@ -262,12 +265,13 @@ def _toy_setup(recipe):
   ctx = recipes.StepContext(
       forward=forward,
       eval_logits_fn=lambda p, bs: (lambda x, key: _toy_net(p, x)[0]),
-      cross_entropy=training.cross_entropy, num_train=_N_TRAIN, unroll=False)
+      cross_entropy=training.cross_entropy, num_train=_N_TRAIN, unroll=False,
+      total_steps=total_steps)
 
   @jax.jit
   def run(params, x, y):
     grads, _, metrics = recipes.recipe_grads(recipes.parse_recipe(recipe), ctx, params, {},
-                                             None, x, y, jax.random.key(0))
+                                             None, x, y, jax.random.key(0), step)
     # The recorded inputs are values of this trace (they do not depend on params under
     # the vjp), so they can come out of the jit.
     return grads, metrics, [c[0] for c in calls]
@@ -323,6 +327,29 @@ def test_anp_masks_and_weights_get_the_gradients_of_their_own_losses():
   np.testing.assert_allclose(metrics['kl'], kl, rtol=1e-6)
   np.testing.assert_allclose(metrics['vulnerability'], v, rtol=1e-5)
   assert v > 0
+
+
+def test_attack_strength_ramps_linearly_over_the_warmup_fraction():
+  h = recipes.parse_recipe('pgd_at(eps=0.3, steps=10, eps_warmup=0.25)').hparams
+  # 0.25 of 400 steps = 100 steps of ramp; default step size 2.5 * 0.3 / 10 = 0.075.
+  for step, ramp in [(0, 0.0), (10, 0.1), (50, 0.5), (100, 1.0), (399, 1.0)]:
+    eps, step_size = recipes.attack_strength(h, step, 400)
+    np.testing.assert_allclose([eps, step_size], [0.3 * ramp, 0.075 * ramp], rtol=1e-6)
+  h = recipes.parse_recipe('pgd_at(eps=0.3, step_size=0.04)').hparams
+  assert recipes.attack_strength(h, 0, 400) == (0.3, 0.04)  # no warm-up: constants
+  h = recipes.parse_recipe('anp(beta=4, lam=0, eps=0.3, eps_warmup=0.5)').hparams
+  with pytest.raises(ValueError, match='eps_warmup'):
+    recipes.attack_strength(h, 0, 0)
+
+
+@pytest.mark.parametrize('step,expected_eps', [(0, 0.0), (25, 0.1), (50, 0.2), (80, 0.2)])
+def test_anp_attack_follows_the_warmup(step, expected_eps):
+  params, x, y, calls, grads, metrics = _toy_setup(
+      'anp(beta=4, lam=0.5, eps=0.2, steps=3, eps_warmup=0.5)', step=step, total_steps=100)
+  np.testing.assert_allclose(metrics['attack_eps'], expected_eps, rtol=1e-6)
+  x_adv = calls[1][0]
+  # Sign steps of 2.5 eps / 3 reach the (clipped) ball's edge: the largest move is eps.
+  np.testing.assert_allclose(np.max(np.abs(x_adv - x)), expected_eps, atol=1e-6)
 
 
 def test_bp_uses_clean_cross_entropy_plus_kl_for_every_parameter():
