@@ -22,7 +22,8 @@ VARIANTS = {
     'cifar10_vgg16.py': [None, 'plain', 'source=npz,cpu', 'smoke'],
     'cifar10_wrn.py': [None, 'depth=28,widen=10', 'source=npz,cpu', 'smoke'],
     'mnist_anp.py': [None, 'recipe=at', 'recipe=trades', 'source=npz,cpu', 'smoke',
-                     'recipe=bp,smoke', 'recipe=anp,smoke', 'recipe=anp_vs,smoke'],
+                     'recipe=bp,smoke', 'recipe=anp,smoke', 'recipe=anp_vs,smoke',
+                     'recipe=anp_vs,cpu,smoke'],
 }
 # The smoke variant of every training recipe of the recipe configs, run end to end in CI.
 SMOKE_RUNS = [
@@ -41,6 +42,7 @@ SMOKE_RUNS = [
     ('mnist_anp.py', 'recipe=bp,smoke', 'bp'),
     ('mnist_anp.py', 'recipe=anp,smoke', 'anp'),
     ('mnist_anp.py', 'recipe=anp_vs,smoke', 'anp'),
+    ('mnist_anp.py', 'recipe=anp_vs,cpu,smoke', 'anp'),  # eps warm-up, open masks
 ]
 
 
