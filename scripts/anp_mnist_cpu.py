@@ -1,4 +1,4 @@
-"""ANP-VS against its baselines on MNIST with LeNet-5-Caffe, at CPU scale (~20-30 min on 2 cores).
+"""ANP-VS against its baselines on MNIST with LeNet-5-Caffe at CPU scale (~19 min on 2 cores).
 
   python scripts/anp_mnist_cpu.py --root=/tmp/anp_mnist [--data=../shared/data/mnist10k.npz]
 
