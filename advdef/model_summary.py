@@ -38,6 +38,9 @@ def validate_vulnerability_config(e) -> None:
   config_utils.check_positive('eval.vulnerability.epsilon', v.epsilon)
   if v.epsilon > 1:
     raise ValueError(f'eval.vulnerability.epsilon={v.epsilon!r} must be in [0, 1] pixel units')
+  from advdef import robustness  # lazily, as advdef.experiment imports it
+  robustness.check_attack_call(f'eval.vulnerability.attack={v.attack!r}', name,
+                               {**kwargs, 'eps': float(v.epsilon)})
   config_utils.check_positive('eval.vulnerability.num_examples', v.num_examples,
                               allow_zero=True, integer=True)
   if v.source and not os.path.exists(v.source):

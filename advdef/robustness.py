@@ -111,10 +111,6 @@ def validate_eval_config(e) -> None:
   if any(name not in MIN_PERTURBATION_ATTACKS for _, name, _ in parsed) and not e.epsilons:
     raise ValueError('eval.epsilons is empty but eval.attacks has fixed-budget attacks; '
                      'give epsilons, e.g. (0.1, 0.3)')
-  x = jnp.zeros((2, 2, 2, 1))
-  y = jnp.zeros((2,), jnp.int32)
-  w = jnp.ones((4, 3))
-  toy = lambda x, key: x.reshape((x.shape[0], -1)) @ w
   for i, (spec, name, kwargs) in enumerate(parse_attacks(e.attacks)):
     norm = e.norm
     if name not in MIN_PERTURBATION_ATTACKS and norm not in attacks.ATTACK_NORMS[name]:
@@ -125,12 +121,20 @@ def validate_eval_config(e) -> None:
       call['norm'] = _attack_norm(name, norm)
     else:
       call.update(eps=float(e.epsilons[0]), norm=norm)
-    try:
-      jax.eval_shape(lambda: attacks.ATTACKS[name](toy, jax.random.key(0), x, y, **call))
-    except TypeError as err:
-      raise ValueError(f'eval.attacks[{i}]={spec!r}: {err}') from None
-    except ValueError as err:
-      raise ValueError(f'eval.attacks[{i}]={spec!r}: {err}') from None
+    check_attack_call(f'eval.attacks[{i}]={spec!r}', name, call)
+
+
+def check_attack_call(label: str, name: str, kwargs: dict) -> None:
+  """Traces attack `name` with `kwargs` abstractly on a tiny linear model, so that bad
+  hyperparameters fail before any compute with the attack's own message after `label`."""
+  x = jnp.zeros((2, 2, 2, 1))
+  y = jnp.zeros((2,), jnp.int32)
+  w = jnp.ones((4, 3))
+  toy = lambda x, key: x.reshape((x.shape[0], -1)) @ w
+  try:
+    jax.eval_shape(lambda: attacks.ATTACKS[name](toy, jax.random.key(0), x, y, **kwargs))
+  except (TypeError, ValueError) as err:
+    raise ValueError(f'{label}: {err}') from None
 
 
 def _with_surrogate(spec: str) -> str | None:

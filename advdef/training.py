@@ -159,8 +159,8 @@ def make_train_step(model: nn.Module, tx, *, batch_size: int, steps_per_epoch: i
   The batch is perm[(step % steps_per_epoch) * B : ...], augmented from fold_in(key, step).
   `model` is the eval-mode network (with test-time masks when `placement` is given; the
   recipe's attacks run on it); training runs it with dropout, sampled masks and
-  `train_defense`. `recipe` (advdef.recipes) chooses the loss; num_train is ANP's N; total_steps, the
-  run's length, sets the recipe's eps warm-up.
+  `train_defense`. `recipe` (advdef.recipes) chooses the loss; num_train is ANP's N;
+  total_steps, the run's length, sets the recipe's eps warm-up.
   unroll_attacks: unroll attack loops (default: on CPU, where it is ~3x faster).
   With a mesh (advdef.parallel), the drawn batch is split over its 'data' axis (B must be a
   multiple of the device count) and the new state and metrics come back replicated; pass

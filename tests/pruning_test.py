@@ -376,3 +376,20 @@ def test_latent_features_are_the_activations_in_call_order():
   feats = pruning.latent_features(state['intermediates'])
   assert [f.shape for f in feats] == [(2, 8, 8, 32), (2, 8, 8, 64), (2, 128)]
   assert all(np.min(f) >= 0 for f in feats)  # post-ReLU
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('attack', 'pgdd(steps=3)', 'eval.vulnerability.attack'),           # unknown attack
+    ('attack', 'pgd(stepz=3)', "eval.vulnerability.attack='pgd(stepz=3)'"),  # bad argument
+    ('attack', 'pgd(steps=0)', 'steps'),                                  # bad value
+    ('epsilon', 1.5, 'eval.vulnerability.epsilon'),
+    ('num_examples', -1, 'eval.vulnerability.num_examples'),
+    ('source', '/nonexistent/run', 'eval.vulnerability.source'),
+])
+def test_bad_vulnerability_config_fails_before_compute(field, value, message):
+  c = config_utils.base_config()
+  c.eval.vulnerability.update(attack='pgd(steps=3)', epsilon=0.3)
+  c.eval.vulnerability[field] = value
+  with pytest.raises(ValueError) as e:
+    experiment.validate_config(c)
+  assert message in str(e.value), str(e.value)
