@@ -32,14 +32,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from advdef import reporting
+from advdef import files
 
 FINGERPRINT_FILE = 'fingerprint.json'
 
 
 def _normalize(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
   # Compare in JSON form: a tuple in the config and the list read back from disk are equal.
-  return json.loads(reporting.dumps_json(dict(fingerprint)))
+  return json.loads(files.dumps_json(dict(fingerprint)))
 
 
 def _describe(fingerprint: Mapping[str, Any]) -> str:
@@ -156,7 +156,7 @@ class Checkpointer:
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     if jax.process_index() == 0 and _read_fingerprint(self.directory) is None:
-      reporting.write_json_atomic(self.directory / FINGERPRINT_FILE, self.fingerprint)
+      files.write_json_atomic(self.directory / FINGERPRINT_FILE, self.fingerprint)
 
   def check_compatible(self) -> None:
     """Raises ValueError if the directory's stored fingerprint differs from ours.

@@ -31,6 +31,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from advdef import files
 from advdef import reporting
 
 METRICS_FILE = 'metrics.jsonl'
@@ -143,11 +144,11 @@ class MetricWriter:
     if hasattr(config, 'to_dict'):
       config = config.to_dict()
     flat = reporting.flatten_dict(config)
-    path = reporting.write_json_atomic(self.workdir / CONFIG_FILE, config)
+    path = files.write_json_atomic(self.workdir / CONFIG_FILE, config)
     tb = self._tb()
     if tb is not None:
       # A Markdown table in the TEXT tab: the config sits next to the curves it produced.
-      table = reporting.format_table([[k, reporting.dumps_json(v, indent=None).strip()]
+      table = reporting.format_table([[k, files.dumps_json(v, indent=None).strip()]
                                       for k, v in flat.items()], ['key', 'value'])
       tb.add_text('config', table, global_step=0)
     return path
@@ -286,7 +287,7 @@ def truncate_metrics_after(workdir: os.PathLike | str, step: int) -> int:
   rows = _parse_lines(path)
   kept = [r for r in rows if r['step'] <= int(step)]
   text = ''.join(json.dumps(r, allow_nan=False) + '\n' for r in kept)
-  reporting.write_text_atomic(path, text)
+  files.write_text_atomic(path, text)
   return len(rows) - len(kept)
 
 

@@ -2,8 +2,7 @@
 
 The evaluation code fills a plain dict (see `new_report` and the schema below);
 `write_report` validates it and writes `report.json`, `report.md` and plots into
-the run's workdir. This module also holds `write_json_atomic`, the one atomic JSON
-writer the rest of the package uses (config.json, the checkpoint fingerprint).
+the run's workdir (atomically, through advdef.files).
 
 Schema::
 
@@ -43,11 +42,12 @@ import math
 import numbers
 import os
 import pathlib
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from advdef import files
 
 NORMS = ('linf', 'l2')
 CHECK_STATUSES = ('pass', 'warn', 'fail')
@@ -69,120 +69,6 @@ _EMPTY = '—'
 
 
 # ----------------------------------------------------------------------------
-# Atomic JSON writing.
-
-
-def to_jsonable(obj: Any, *, _where: str = '') -> Any:
-  """Converts `obj` to plain JSON types: dict/list/str/int/float/bool/None.
-
-  numpy and jax scalars and arrays become Python numbers and (nested) lists;
-  tuples become lists; mapping keys become strings; NaN and +-inf become None;
-  ml_collections ConfigDicts (anything with `to_dict`) become dicts.
-
-  Raises:
-    TypeError: for an object with no JSON form, naming where in `obj` it sits.
-  """
-  if obj is None or isinstance(obj, (bool, str)):
-    return obj
-  if isinstance(obj, np.bool_):
-    return bool(obj)
-  if isinstance(obj, numbers.Integral):
-    return int(obj)
-  if isinstance(obj, numbers.Real):
-    value = float(obj)
-    return value if math.isfinite(value) else None
-  if isinstance(obj, Mapping):
-    return {str(k): to_jsonable(v, _where=f'{_where}.{k}' if _where else str(k))
-            for k, v in obj.items()}
-  if hasattr(obj, 'to_dict') and callable(obj.to_dict):  # ml_collections.ConfigDict.
-    return to_jsonable(obj.to_dict(), _where=_where)
-  if isinstance(obj, (list, tuple)):
-    return [to_jsonable(v, _where=f'{_where}[{i}]') for i, v in enumerate(obj)]
-  if isinstance(obj, pathlib.PurePath):
-    return str(obj)
-  if isinstance(obj, np.ndarray) or hasattr(obj, '__array__'):
-    # jax arrays land here too; np.asarray fetches them to the host.
-    array = np.asarray(obj)
-    if array.dtype.kind not in 'biuf':
-      raise TypeError(f'{_where or "value"}: cannot write an array of dtype {array.dtype} as JSON; '
-                      'convert it to numbers or strings first.')
-    if array.ndim == 0:
-      return to_jsonable(array.item(), _where=_where)
-    return [to_jsonable(v, _where=f'{_where}[{i}]') for i, v in enumerate(array.tolist())]
-  raise TypeError(f'{_where or "value"}: cannot write {type(obj).__name__} {obj!r} as JSON; '
-                  'convert it to a number, string, list or dict first.')
-
-
-def _write_bytes_atomic(path: os.PathLike | str, data: bytes) -> pathlib.Path:
-  """Writes `data` to `path` so that readers see either the old file or the new one.
-
-  The bytes go to a temporary file in the same directory (same filesystem, so
-  the final rename is atomic), are fsynced, and then os.replace() puts them in
-  place. The directory is fsynced afterwards so the rename survives a power cut.
-  """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # A dot prefix keeps the temporary file out of globs like '*.json'.
-  fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    # mkstemp creates the file 0600; a report should be as readable as any other file.
-    os.chmod(tmp_name, 0o644)
-    os.replace(tmp_name, path)
-  except BaseException:
-    try:
-      os.unlink(tmp_name)
-    except FileNotFoundError:
-      pass
-    raise
-  _fsync_directory(path.parent)
-  return path
-
-
-def _fsync_directory(directory: pathlib.Path) -> None:
-  try:
-    dir_fd = os.open(directory, os.O_RDONLY)
-  except OSError:  # Some filesystems do not allow opening directories; durability is best effort.
-    return
-  try:
-    os.fsync(dir_fd)
-  except OSError:
-    pass
-  finally:
-    os.close(dir_fd)
-
-
-def dumps_json(obj: Any, *, indent: int | None = 2) -> str:
-  """Serializes `obj` (after `to_jsonable`) to strict JSON text ending in a newline."""
-  return json.dumps(to_jsonable(obj), indent=indent, allow_nan=False) + '\n'
-
-
-def write_json_atomic(path: os.PathLike | str, obj: Any, *, indent: int | None = 2) -> pathlib.Path:
-  """Writes `obj` as JSON to `path` atomically.
-
-  Args:
-    path: destination file; its directory is created if needed.
-    obj: any tree of dicts/lists/tuples/numbers/strings, numpy or jax scalars and
-      arrays, or ConfigDicts. NaN and +-inf are written as null.
-    indent: JSON indentation (None for a single line).
-
-  Returns:
-    The path written.
-  """
-  # Serialize before touching the filesystem, so a conversion error writes nothing.
-  text = dumps_json(obj, indent=indent)
-  return _write_bytes_atomic(path, text.encode('utf-8'))
-
-
-def write_text_atomic(path: os.PathLike | str, text: str) -> pathlib.Path:
-  """Writes UTF-8 `text` to `path` atomically (see `write_json_atomic`)."""
-  return _write_bytes_atomic(path, text.encode('utf-8'))
-
-
-# ----------------------------------------------------------------------------
 # Report construction and validation.
 
 
@@ -193,7 +79,7 @@ def new_report(*, config: Any, dataset: str, model: str, training: Mapping[str, 
   return {
       'advdef_version': __version__,
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'config': to_jsonable(config),
+      'config': files.to_jsonable(config),
       'dataset': dataset,
       'model': model,
       'training': None if training is None else dict(training),
@@ -344,7 +230,7 @@ def validate_report(report: Any) -> None:
     raise ValueError(f'report must be a dict, got {type(report).__name__}')
   try:
     # Validate the JSON form, so numpy/jax scalars pass exactly when they would be written.
-    report = to_jsonable(report)
+    report = files.to_jsonable(report)
   except TypeError as e:
     raise ValueError(f'invalid report (nothing was written): {e}') from None
   problems: list[str] = []
@@ -739,7 +625,7 @@ def write_report(workdir: os.PathLike | str, report: Mapping[str, Any]) -> list[
   """
   validate_report(report)
   workdir = pathlib.Path(workdir)
-  plain = to_jsonable(report)
+  plain = files.to_jsonable(report)
   json_text = json.dumps(plain, indent=2, allow_nan=False) + '\n'
   markdown = render_markdown(plain)
   files: list[tuple[str, bytes]] = [('report.md', markdown.encode('utf-8'))]
@@ -753,7 +639,7 @@ def write_report(workdir: os.PathLike | str, report: Mapping[str, Any]) -> list[
             f"{_safe_filename_part(sweep['param'])}.png")
     files.append((name, _plot_sweep(sweep)))
   files.append(('report.json', json_text.encode('utf-8')))
-  return [_write_bytes_atomic(workdir / name, data) for name, data in files]
+  return [files.write_bytes_atomic(workdir / name, data) for name, data in files]
 
 
 def training_curves_plot(metrics_rows: Sequence[Mapping[str, Any]], path: os.PathLike | str
@@ -798,11 +684,10 @@ def training_curves_plot(metrics_rows: Sequence[Mapping[str, Any]], path: os.Pat
       ax.set_yscale('log')  # Losses shrink by orders of magnitude; a log axis keeps the tail visible.
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  return _write_bytes_atomic(path, _png_bytes(fig))
+  return files.write_bytes_atomic(path, _png_bytes(fig))
 
 
 __all__ = [
-    'CHECK_STATUSES', 'NORMS', 'dumps_json', 'flatten_dict', 'format_table', 'new_report',
-    'render_markdown', 'to_jsonable', 'training_curves_plot', 'validate_report', 'write_json_atomic',
-    'write_report', 'write_text_atomic',
+    'CHECK_STATUSES', 'NORMS', 'flatten_dict', 'format_table', 'new_report',
+    'render_markdown', 'training_curves_plot', 'validate_report', 'write_report',
 ]

@@ -61,6 +61,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from advdef import config_utils
+from advdef import files
 
 REPORT = 'report.json'
 POINT_FILE = 'sweep_point.json'
@@ -422,7 +423,7 @@ def run_sweep(config: ml_collections.ConfigDict, sweep, workdir: str, *,
       error_path = os.path.join(d, ERROR_FILE)
       if is_main:
         os.makedirs(d, exist_ok=True)
-        reporting.write_json_atomic(os.path.join(d, POINT_FILE), {
+        files.write_json_atomic(os.path.join(d, POINT_FILE), {
             'index': p.index, 'name': p.name, 'overrides': p.overrides, 'source': source})
         if os.path.exists(error_path):
           os.remove(error_path)
@@ -437,7 +438,7 @@ def run_sweep(config: ml_collections.ConfigDict, sweep, workdir: str, *,
         # One failing point (a diverging learning rate) must not stop the others.
         _say('point %s failed: %s: %s', p.name, type(e).__name__, e)
         if is_main:
-          reporting.write_text_atomic(error_path, f'{type(e).__name__}: {e}\n')
+          files.write_text_atomic(error_path, f'{type(e).__name__}: {e}\n')
         result.failed.append(p.name)
   if is_main and (gather or all(point_status(workdir, p) == 'done' for p in points)):
     result.gathered = [str(x) for x in write_gather(workdir, points, source=source,
@@ -596,29 +597,18 @@ def render_plot(records) -> bytes | None:
   return buf.getvalue()
 
 
-def _write_bytes_atomic(path: str, data: bytes) -> str:
-  tmp = f'{path}.tmp.{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  return path
-
-
 def write_gather(workdir: str, points: Sequence[Point], *, source: str = '',
                  meta: dict[str, Any] | None = None) -> list[str]:
   """Writes DIR/sweep.json, DIR/sweep.md and DIR/sweep.png (when a point is done)."""
-  from advdef import reporting
   os.makedirs(workdir, exist_ok=True)
   records = gather_points(workdir, points)
   written = []
   png = render_plot(records)
   if png is not None:
-    written.append(_write_bytes_atomic(os.path.join(workdir, 'sweep.png'), png))
-  written.append(str(reporting.write_text_atomic(os.path.join(workdir, 'sweep.md'),
+    written.append(str(files.write_bytes_atomic(os.path.join(workdir, 'sweep.png'), png)))
+  written.append(str(files.write_text_atomic(os.path.join(workdir, 'sweep.md'),
                                                  render_markdown(records, source=source))))
-  written.append(str(reporting.write_json_atomic(os.path.join(workdir, 'sweep.json'), {
+  written.append(str(files.write_json_atomic(os.path.join(workdir, 'sweep.json'), {
       'source': source, **(meta or {}), 'num_points': len(records),
       'num_done': sum(r['status'] == 'done' for r in records), 'points': records})))
   _say('wrote %s', ', '.join(written))

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import advdef
+from advdef.files import write_json_atomic
 from advdef.reporting import (format_table, new_report, training_curves_plot, validate_report,
-                              write_json_atomic, write_report)
+                              write_report)
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
