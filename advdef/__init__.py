@@ -7,6 +7,6 @@ __version__ = "0.1.0"
 
 
 def load_run(workdir):
-  """Loads a finished or in-progress run for notebook use; see advdef.experiment.load_run."""
-  from advdef import experiment  # Imported lazily so `import advdef` stays cheap.
-  return experiment.load_run(workdir)
+  """Loads a finished or in-progress run for notebook use; see advdef.runs.load_run."""
+  from advdef import runs  # Imported here so `import advdef` stays cheap.
+  return runs.load_run(workdir)

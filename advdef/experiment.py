@@ -27,13 +27,15 @@ from advdef import config_utils
 from advdef import data as data_lib
 from advdef import evaluation
 from advdef import metric_writers
-from advdef import model_summary
 from advdef import models
 from advdef import pruning
 from advdef import recipes
 from advdef import reporting
 from advdef import retrofit
+from advdef import runs
 from advdef import training
+from advdef.evaluators import defense_sweep
+from advdef.evaluators import model_summary
 
 
 def validate_config(config) -> None:
@@ -86,41 +88,8 @@ def validate_config(config) -> None:
   robustness.validate_eval_config(e)
   model_summary.validate_vulnerability_config(e)
   # --- sweeps: eval.sweep (advdef.sweeps) ---
-  from advdef import sweeps
-  sweeps.validate_sweep_config(e)
+  defense_sweep.validate_sweep_config(e)
   # --- end sweeps ---
-
-
-@dataclasses.dataclass
-class Run:
-  """A trained run, for notebooks: config, model, variables, data and logits_fn."""
-  workdir: str
-  config: ml_collections.ConfigDict
-  model: nn.Module
-  variables: dict[str, Any]
-  splits: data_lib.Splits
-  step: int
-
-  def logits_fn(self, x, key=None, *, defense: str = 'none'):
-    """logits [B, K] of the model (optionally defended) on x float32[B,H,W,C] in [0, 1]."""
-    fn = retrofit.make_logits_fn(self.model, self.variables, retrofit.build_hook(defense))
-    return fn(x, jax.random.key(0) if key is None else key)
-
-  def defended_logits_fn(self, defense: str) -> Callable:
-    """Returns logits_fn(x, key) for a defense spec, the signature attacks expect."""
-    return retrofit.make_logits_fn(self.model, self.variables, retrofit.build_hook(defense))
-
-
-def build_model(config, info) -> nn.Module:
-  """The registry model in eval form: with its test-time pruning masks when the recipe
-  learns them (anp, bp), so every evaluation path sees the masked network."""
-  kwargs = dict(config.model.kwargs)
-  model = models.create_model(config.model.name, num_classes=info.num_classes, mean=info.mean,
-                              std=info.std, normalize=config.model.normalize, **kwargs)
-  placement = recipes.mask_placement(config)
-  if placement is not None:
-    model = model.clone(hook=pruning.mask_hook(placement, training=False))
-  return model
 
 
 def prepare(config, workdir: str | None = None) -> tuple[data_lib.Splits, nn.Module]:
@@ -128,7 +97,7 @@ def prepare(config, workdir: str | None = None) -> tuple[data_lib.Splits, nn.Mod
   data, the model, each defense against the model's sites, and the workdir's checkpoints."""
   validate_config(config)
   splits = data_lib.load_dataset(config.data)
-  model = build_model(config, splits.info)
+  model = runs.build_model(config, splits.info)
   placement = recipes.mask_placement(config)
   if placement is not None:  # every mask glob must name a conv_out/dense_in site
     pruning.masked_sites(placement, model.clone(hook=None), splits.info.image_shape)
@@ -142,8 +111,7 @@ def prepare(config, workdir: str | None = None) -> tuple[data_lib.Splits, nn.Mod
   retrofit.validate_for_model(config.train.defense, model, splits.info.image_shape,
                               field='train.defense')
   # --- sweeps: the swept defense's sites= glob must match this model ---
-  from advdef import sweeps
-  sweeps.validate_for_model(config.eval, model, splits.info.image_shape)
+  defense_sweep.validate_for_model(config.eval, model, splits.info.image_shape)
   # --- end sweeps ---
   return splits, model
 
@@ -193,8 +161,7 @@ def evaluate_run(config, model, variables, splits, workdir=None) -> dict[str, An
   attack_rows, checks = robustness.evaluate_attacks(config, model, variables, images, labels,
                                                     jax.random.fold_in(eval_key, 1), rows)
   # --- sweeps: eval.sweep in one compiled call (advdef.sweeps) ---
-  from advdef import sweeps
-  sweep_rows = sweeps.evaluate_sweeps(config, model, variables, images, labels,
+  sweep_rows = defense_sweep.evaluate_sweeps(config, model, variables, images, labels,
                                       jax.random.fold_in(eval_key, 2))
   # --- end sweeps ---
   report = {
@@ -212,24 +179,3 @@ def evaluate_run(config, model, variables, splits, workdir=None) -> dict[str, An
   report['model_summary'] = model_summary.summarize(
       config, model, variables, images, labels, jax.random.fold_in(eval_key, 4), workdir)
   return report
-
-
-def load_run(workdir: str) -> Run:
-  """Loads config.json and the latest checkpoint of a run for notebook use."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{workdir} holds no config.json; is it an advdef workdir?')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  splits = data_lib.load_dataset(config.data)
-  model = build_model(config, splits.info)
-  source = config.train.checkpoint or workdir
-  variables = training.load_trained_variables(source, config, model, splits.info)
-  latest = None
-  ckpt_dir = os.path.join(source, 'checkpoints')
-  if os.path.isdir(ckpt_dir):
-    with checkpointing.Checkpointer(ckpt_dir, fingerprint=training.fingerprint(
-        config, splits.info)) as ckpt:
-      latest = ckpt.latest_step()
-  return Run(workdir=workdir, config=config, model=model, variables=variables, splits=splits,
-             step=int(latest or 0))

@@ -898,7 +898,7 @@ def bench_sweep(ctx) -> dict[str, Any]:
   attack = f'pgd(steps={cfg["sweep_steps"]})'
   kappas = KAPPAS[:cfg['sweep_points']]
   try:
-    from advdef import sweeps
+    from advdef.evaluators import defense_sweep as sweeps
     fn = getattr(sweeps, 'benchmark_kappa_sweep', None)
   except ImportError:
     fn = None

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from advdef import experiment
+from advdef import runs
 from advdef import metric_writers
 from advdef import training
 
@@ -36,7 +37,7 @@ def _main(*args, timeout=600):
 
 
 def _params(workdir):
-  run = experiment.load_run(str(workdir))
+  run = runs.load_run(str(workdir))
   return jax.tree_util.tree_leaves(jax.device_get(run.variables))
 
 
@@ -196,7 +197,7 @@ def test_load_run_and_trained_checkpoint_skip_training(tmp_path):
   state, summary = _train(config, tmp_path / 'run')
   metric_writers.MetricWriter(str(tmp_path / 'run'), tensorboard=False).write_hparams(
       experiment.config_utils.to_dict(config))
-  run = experiment.load_run(str(tmp_path / 'run'))
+  run = runs.load_run(str(tmp_path / 'run'))
   x = run.splits.test_images.astype(np.float32) / 255.0
   preds = np.argmax(np.asarray(run.logits_fn(x)), -1)
   accuracy = float(np.mean(preds == run.splits.test_labels))

@@ -16,6 +16,7 @@ from advdef import attacks
 from advdef import config_utils
 from advdef import data as data_lib
 from advdef import experiment
+from advdef import runs
 from advdef import models
 from advdef import pruning
 from advdef import recipes
@@ -163,7 +164,7 @@ def test_every_recipe_trains_end_to_end(tmp_path, recipe, lenet, metrics):
   assert summary['pruned_export']['max_abs_logit_difference'] < 1e-3
   assert (tmp_path / 'pruned_model.npz').exists()
   # The masks were trained (every unit starts at a_uc = -1) and the checkpoint holds them.
-  run = experiment.load_run(str(tmp_path))
+  run = runs.load_run(str(tmp_path))
   masks = pruning.mask_params(run.variables['params'])
   assert list(masks) == list(LENET_SITES)
   assert all(np.any(np.asarray(a) != -1.0) for a, _ in masks.values())
@@ -475,7 +476,7 @@ def test_pgd_training_beats_standard_training_under_pgd(tmp_path):
     report = experiment.run(_digits_config(recipe, epochs), workdir, progress=False)
     assert set(report['training']['final_train']) == metrics
     assert report['training']['final_test']['accuracy'] > 0.95
-    run = experiment.load_run(workdir)
+    run = runs.load_run(workdir)
     assert run.step == report['training']['steps']
     accuracy[name] = _pgd_accuracy(run.model, run.variables, run.splits)
   # Observed (seed 0, 4 epochs, 360 test digits; clean accuracy 0.978 and 0.986), PGD-20 at

@@ -28,6 +28,7 @@ from advdef import data as data_lib
 from advdef import pruning
 from advdef import recipes
 from advdef import retrofit
+from advdef import runs
 
 
 def validate_vulnerability_config(e) -> None:
@@ -77,8 +78,7 @@ def vulnerability_rows(config, model, variables, images, labels, key) -> dict[st
   features = _feature_fn(model, variables)
   sources = {'white_box': retrofit.make_logits_fn(model, variables)}
   if v.source:
-    from advdef import experiment  # experiment imports this module
-    source_run = experiment.load_run(v.source)
+    source_run = runs.load_run(v.source)
     if tuple(source_run.splits.info.image_shape) != tuple(images.shape[1:]):
       raise ValueError(f'eval.vulnerability.source={v.source!r} was trained on images of shape '
                        f'{source_run.splits.info.image_shape}, not {images.shape[1:]}')

@@ -50,6 +50,7 @@ from advdef import config_utils
 from advdef import data as data_lib
 from advdef import defenses
 from advdef import retrofit
+from advdef import runs
 
 # Numeric hyperparameters that can be traced, per defense registry name. Structural ones
 # (placement, sampler, surrogate, sites) change the graph and belong in `fixed`.
@@ -542,8 +543,7 @@ def benchmark_kappa_sweep(workdir: str | None = None, *,
   """
   import ml_collections
   if workdir:
-    from advdef import experiment
-    run = experiment.load_run(workdir)
+    run = runs.load_run(workdir)
     model, variables, splits = run.model, run.variables, run.splits
   else:
     from advdef import models
