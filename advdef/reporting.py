@@ -1,8 +1,8 @@
-"""Evaluation reports: the report schema, its validation, and its JSON/Markdown/PNG renderings.
+"""Evaluation reports: the report schema, its validation, and its JSON/Markdown renderings.
 
 The evaluation code fills a plain dict (see `new_report` and the schema below);
-`write_report` validates it and writes `report.json`, `report.md` and plots into
-the run's workdir (atomically, through advdef.files).
+`write_report` validates it and writes `report.json`, `report.md` and the plots
+drawn by advdef.plots into the run's workdir (atomically, through advdef.files).
 
 Schema::
 
@@ -28,16 +28,13 @@ Schema::
 Non-finite floats (NaN, inf) are written to JSON as null, so every file stays
 valid JSON that any reader accepts.
 
-Matplotlib is imported lazily and used through `matplotlib.figure.Figure`
-directly (Agg canvas), never through pyplot, so writing a report neither needs a
-display nor changes the global backend of a notebook that imports this module.
+Writing a report needs no display: advdef.plots draws through `matplotlib.figure.Figure`
+(Agg canvas), never pyplot, and imports matplotlib only when it draws.
 """
 
 from __future__ import annotations
 
 import datetime
-import io
-import json
 import math
 import numbers
 import os
@@ -48,6 +45,8 @@ from typing import Any
 import numpy as np
 
 from advdef import files
+from advdef import version
+from advdef import plots
 
 NORMS = ('linf', 'l2')
 CHECK_STATUSES = ('pass', 'warn', 'fail')
@@ -75,9 +74,8 @@ _EMPTY = '—'
 def new_report(*, config: Any, dataset: str, model: str, training: Mapping[str, Any] | None = None
                ) -> dict[str, Any]:
   """Returns an empty report with the version, creation time and config filled in."""
-  from advdef import __version__  # Local import: advdef/__init__ imports nothing heavy, but keep it explicit.
   return {
-      'advdef_version': __version__,
+      'advdef_version': version.__version__,
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'config': files.to_jsonable(config),
       'dataset': dataset,
@@ -107,59 +105,41 @@ def _is_interval(x: Any) -> bool:
           and float(x[0]) <= float(x[1]))
 
 
-def _row_label(i: int, row: Any) -> str:
-  if not isinstance(row, Mapping):
-    return f'rows[{i}]'
-  return (f"rows[{i}] (defense {row.get('defense')!r}, attack {row.get('attack')!r}, "
-          f"epsilon {row.get('epsilon')!r})")
+def _is_nonempty_str(x: Any) -> bool:
+  return isinstance(x, str) and bool(x)
 
 
-def _validate_row(i: int, row: Any, problems: list[str]) -> None:
-  where = _row_label(i, row)
-  if not isinstance(row, Mapping):
-    problems.append(f'{where}: must be a dict, got {type(row).__name__}')
-    return
-  missing = [k for k in _REQUIRED_ROW_KEYS if k not in row]
-  if missing:
-    problems.append(f'{where}: missing required key(s) {missing}')
-  unknown = sorted(set(row) - set(_REQUIRED_ROW_KEYS) - set(_OPTIONAL_ROW_KEYS))
-  if unknown:
-    problems.append(f'{where}: unknown key(s) {unknown}; allowed optional keys are '
-                    f'{list(_OPTIONAL_ROW_KEYS)}')
-  for key in ('defense', 'attack'):
-    if key in row and not (isinstance(row[key], str) and row[key]):
-      problems.append(f'{where}: {key!r} must be a non-empty string, got {row[key]!r}')
-  if 'norm' in row and row['norm'] not in (*NORMS, None):
-    problems.append(f"{where}: 'norm' must be one of {list(NORMS)} or None, got {row['norm']!r}")
-  if 'epsilon' in row and row['epsilon'] is not None and not (
-      _is_number(row['epsilon']) and math.isfinite(float(row['epsilon'])) and row['epsilon'] >= 0):
-    problems.append(f"{where}: 'epsilon' must be a finite number >= 0 or None, got {row['epsilon']!r}")
-  if 'accuracy' in row and not _is_probability(row['accuracy']):
-    problems.append(f"{where}: 'accuracy' must be a number in [0, 1], got {row['accuracy']!r}"
-                    + (' (NaN or inf)' if row['accuracy'] is None else ''))
-  if 'ci95' in row and row['ci95'] is not None and not _is_interval(row['ci95']):
-    problems.append(f"{where}: 'ci95' must be [lo, hi] with 0 <= lo <= hi <= 1 or None, "
-                    f"got {row['ci95']!r}")
-  if 'n' in row and not (_is_int(row['n']) and row['n'] >= 0):
-    problems.append(f"{where}: 'n' must be a non-negative int, got {row['n']!r}")
-  if 'per_draw_accuracy' in row and not _is_probability(row['per_draw_accuracy']):
-    problems.append(f"{where}: 'per_draw_accuracy' must be a number in [0, 1], "
-                    f"got {row['per_draw_accuracy']!r}")
-  if 'per_draw_ci95' in row and not _is_interval(row['per_draw_ci95']):
-    problems.append(f"{where}: 'per_draw_ci95' must be [lo, hi] with 0 <= lo <= hi <= 1, "
-                    f"got {row['per_draw_ci95']!r}")
-  if 'num_draws' in row and not (_is_int(row['num_draws']) and row['num_draws'] >= 1):
-    problems.append(f"{where}: 'num_draws' must be a positive int, got {row['num_draws']!r}")
-  # NaN is allowed here (e.g. an NLL that overflowed); it is written as null.
-  for key in ('nll', 'ece', 'brier', 'median_perturbation', 'median_relative_perturbation',
-              'seconds'):
-    if key in row and row[key] is not None and not _is_number(row[key]):
-      problems.append(f'{where}: {key!r} must be a number or None, got {row[key]!r}')
-  if 'worst_case' in row and not isinstance(row['worst_case'], (bool, np.bool_)):
-    problems.append(f"{where}: 'worst_case' must be a bool, got {row['worst_case']!r}")
+# Field rules of the report's lists: (key, predicate, what the value must be), checked when
+# the key is present, in this order.
+_ROW_RULES = (
+    ('defense', _is_nonempty_str, 'a non-empty string'),
+    ('attack', _is_nonempty_str, 'a non-empty string'),
+    ('norm', lambda v: v in (*NORMS, None), f'one of {list(NORMS)} or None'),
+    ('epsilon', lambda v: v is None or (_is_number(v) and math.isfinite(float(v)) and v >= 0),
+     'a finite number >= 0 or None'),
+    ('accuracy', _is_probability, 'a number in [0, 1]'),
+    ('ci95', lambda v: v is None or _is_interval(v), '[lo, hi] with 0 <= lo <= hi <= 1 or None'),
+    ('n', lambda v: _is_int(v) and v >= 0, 'a non-negative int'),
+    ('per_draw_accuracy', _is_probability, 'a number in [0, 1]'),
+    ('per_draw_ci95', _is_interval, '[lo, hi] with 0 <= lo <= hi <= 1'),
+    ('num_draws', lambda v: _is_int(v) and v >= 1, 'a positive int'),
+    # NaN is allowed here (e.g. an NLL that overflowed); it is written as null.
+    *((key, lambda v: v is None or _is_number(v), 'a number or None')
+      for key in ('nll', 'ece', 'brier', 'median_perturbation', 'median_relative_perturbation',
+                  'seconds')),
+    ('worst_case', lambda v: isinstance(v, (bool, np.bool_)), 'a bool'),
+)
+_CHECK_RULES = (
+    *((key, lambda v: isinstance(v, str), 'a string') for key in ('defense', 'name', 'detail')),
+    ('status', lambda v: v in CHECK_STATUSES, f'one of {list(CHECK_STATUSES)}'),
+)
+
+
+def _row_cross_checks(where: str, row: Mapping[str, Any], problems: list[str]) -> None:
   if row.get('worst_case'):
     attacks = row.get('attacks')
-    if not (isinstance(attacks, (list, tuple)) and attacks and all(isinstance(a, str) for a in attacks)):
+    if not (isinstance(attacks, (list, tuple)) and attacks
+            and all(isinstance(a, str) for a in attacks)):
       problems.append(f"{where}: a worst-case row needs 'attacks', the non-empty list of attack "
                       f'names it is the per-example minimum over, got {attacks!r}')
   elif 'attacks' in row:
@@ -172,41 +152,13 @@ def _validate_row(i: int, row: Any, problems: list[str]) -> None:
     else:
       lengths = {k: len(bins[k]) for k in keys}
       if len(set(lengths.values())) != 1:
-        problems.append(f"{where}: 'calibration_bins' lists must have equal lengths, got {lengths}")
+        problems.append(f"{where}: 'calibration_bins' lists must have equal lengths, "
+                        f'got {lengths}')
 
 
-def _validate_check(i: int, check: Any, problems: list[str]) -> None:
-  where = f'checks[{i}]'
-  if not isinstance(check, Mapping):
-    problems.append(f'{where}: must be a dict, got {type(check).__name__}')
-    return
-  where = f"checks[{i}] ({check.get('defense')!r}, {check.get('name')!r})"
-  missing = [k for k in _CHECK_KEYS if k not in check]
-  if missing:
-    problems.append(f'{where}: missing required key(s) {missing}')
-  unknown = sorted(set(check) - set(_CHECK_KEYS))
-  if unknown:
-    problems.append(f'{where}: unknown key(s) {unknown}')
-  for key in ('defense', 'name', 'detail'):
-    if key in check and not isinstance(check[key], str):
-      problems.append(f'{where}: {key!r} must be a string, got {check[key]!r}')
-  if 'status' in check and check['status'] not in CHECK_STATUSES:
-    problems.append(f"{where}: 'status' must be one of {list(CHECK_STATUSES)}, got {check['status']!r}")
-
-
-def _validate_sweep(i: int, sweep: Any, problems: list[str]) -> None:
-  where = f'sweeps[{i}]'
-  if not isinstance(sweep, Mapping):
-    problems.append(f'{where}: must be a dict, got {type(sweep).__name__}')
-    return
-  where = f"sweeps[{i}] ({sweep.get('defense')!r}, {sweep.get('param')!r})"
-  missing = [k for k in _SWEEP_KEYS if k not in sweep]
-  if missing:
-    problems.append(f'{where}: missing required key(s) {missing}')
-    return
-  unknown = sorted(set(sweep) - set(_SWEEP_KEYS))
-  if unknown:
-    problems.append(f'{where}: unknown key(s) {unknown}')
+def _sweep_cross_checks(where: str, sweep: Mapping[str, Any], problems: list[str]) -> None:
+  if any(k not in sweep for k in _SWEEP_KEYS):
+    return  # Already reported as missing; the checks below read every key.
   n = len(sweep['values'])
   for key in ('clean_accuracy', 'robust_accuracy'):
     values = sweep[key]
@@ -218,6 +170,46 @@ def _validate_sweep(i: int, sweep: Any, problems: list[str]) -> None:
       problems.append(f'{where}: {key!r} entries must be numbers in [0, 1] or None, got {bad}')
   if not (_is_number(sweep['epsilon']) and math.isfinite(float(sweep['epsilon']))):
     problems.append(f"{where}: 'epsilon' must be a finite number, got {sweep['epsilon']!r}")
+
+
+# The report's lists of dicts: key -> (required keys, optional keys, a function naming an
+# item in messages, field rules, a function of checks across fields or None).
+_ITEM_LISTS = {
+    'rows': (_REQUIRED_ROW_KEYS, _OPTIONAL_ROW_KEYS,
+             lambda r: (f"defense {r.get('defense')!r}, attack {r.get('attack')!r}, "
+                        f"epsilon {r.get('epsilon')!r}"), _ROW_RULES, _row_cross_checks),
+    'checks': (_CHECK_KEYS, (), lambda c: f"{c.get('defense')!r}, {c.get('name')!r}",
+               _CHECK_RULES, None),
+    'sweeps': (_SWEEP_KEYS, (), lambda s: f"{s.get('defense')!r}, {s.get('param')!r}", (),
+               _sweep_cross_checks),
+}
+
+
+def _validate_items(key: str, items: Any, problems: list[str]) -> None:
+  """Checks report[key], a list of dicts, appending one message per problem."""
+  if not isinstance(items, (list, tuple)):
+    problems.append(f'{key!r} must be a list, got {type(items).__name__}')
+    return
+  required, optional, describe, rules, cross_checks = _ITEM_LISTS[key]
+  for i, item in enumerate(items):
+    if not isinstance(item, Mapping):
+      problems.append(f'{key}[{i}]: must be a dict, got {type(item).__name__}')
+      continue
+    where = f'{key}[{i}] ({describe(item)})'
+    missing = [k for k in required if k not in item]
+    if missing:
+      problems.append(f'{where}: missing required key(s) {missing}')
+    unknown = sorted(set(item) - set(required) - set(optional))
+    if unknown:
+      hint = f'; allowed optional keys are {list(optional)}' if optional else ''
+      problems.append(f'{where}: unknown key(s) {unknown}{hint}')
+    for field, ok, what in rules:
+      if field in item and not ok(item[field]):
+        # A required number that is None was NaN or inf before to_jsonable.
+        nan = ' (NaN or inf)' if item[field] is None and ok is _is_probability else ''
+        problems.append(f'{where}: {field!r} must be {what}, got {item[field]!r}{nan}')
+    if cross_checks:
+      cross_checks(where, item, problems)
 
 
 def validate_report(report: Any) -> None:
@@ -236,7 +228,8 @@ def validate_report(report: Any) -> None:
   problems: list[str] = []
   missing = [k for k in _REQUIRED_REPORT_KEYS if k not in report]
   if missing:
-    problems.append(f'missing top-level key(s) {missing} (advdef.reporting.new_report fills them)')
+    problems.append(f'missing top-level key(s) {missing} '
+                    '(advdef.reporting.new_report fills them)')
   unknown = sorted(set(report) - set(_REQUIRED_REPORT_KEYS) - set(_OPTIONAL_REPORT_KEYS))
   if unknown:
     problems.append(f'unknown top-level key(s) {unknown}')
@@ -246,16 +239,12 @@ def validate_report(report: Any) -> None:
   if 'config' in report and not (isinstance(report['config'], Mapping)
                                  or hasattr(report['config'], 'to_dict')):
     problems.append(f"'config' must be a dict, got {type(report['config']).__name__}")
-  if 'training' in report and not (report['training'] is None or isinstance(report['training'], Mapping)):
-    problems.append(f"'training' must be a dict or None, got {type(report['training']).__name__}")
-  for key, validate in (('rows', _validate_row), ('checks', _validate_check),
-                        ('sweeps', _validate_sweep)):
-    items = report.get(key, [])
-    if not isinstance(items, (list, tuple)):
-      problems.append(f'{key!r} must be a list, got {type(items).__name__}')
-      continue
-    for i, item in enumerate(items):
-      validate(i, item, problems)
+  if 'training' in report and not (report['training'] is None
+                                   or isinstance(report['training'], Mapping)):
+    problems.append(f"'training' must be a dict or None, "
+                    f"got {type(report['training']).__name__}")
+  for key in _ITEM_LISTS:
+    _validate_items(key, report.get(key, []), problems)
   notes = report.get('notes', [])
   if not (isinstance(notes, (list, tuple)) and all(isinstance(n, str) for n in notes)):
     problems.append(f"'notes' must be a list of strings, got {notes!r}")
@@ -348,13 +337,10 @@ def _split_rows(rows: Sequence[Mapping[str, Any]]):
   return clean, attacked, worst
 
 
-def _has(rows: Sequence[Mapping[str, Any]], key: str) -> bool:
-  return any(r.get(key) is not None for r in rows)
-
-
 def _optional_columns(rows, spec):
-  """Returns the (header, formatter) pairs of `spec` whose key some row has."""
-  return [(header, fmt) for key, header, fmt in spec if _has(rows, key)]
+  """Returns the (header, formatter) pairs of `spec` whose key some row has (not None)."""
+  return [(header, fmt) for key, header, fmt in spec
+          if any(r.get(key) is not None for r in rows)]
 
 
 _CALIBRATION_COLUMNS = (
@@ -375,13 +361,25 @@ _PERTURBATION_COLUMNS = (
 _SECONDS_COLUMNS = (('seconds', 'seconds', lambda r: _num(r.get('seconds'), '.1f')),)
 
 
-def _table_with_optional(rows, fixed, optional_specs):
-  optional = []
+# Columns of the row tables, by header; _rows_table picks them.
+_ROW_COLUMNS = {
+    'defense': lambda r: r['defense'], 'attack': lambda r: r['attack'],
+    'norm': lambda r: r['norm'] or _EMPTY, 'ε': lambda r: _eps(r['epsilon']),
+    'accuracy': lambda r: _pct(r['accuracy']), '95% CI': lambda r: _ci(r['ci95']),
+    'n': lambda r: str(r['n']), 'attacks': lambda r: ', '.join(r['attacks']),
+}
+
+
+def _rows_table(rows, headers, optional_specs):
+  """A table of `rows` with the `headers` columns, then the optional ones some row has."""
+  columns = [(h, _ROW_COLUMNS[h]) for h in headers]
   for spec in optional_specs:
-    optional += _optional_columns(rows, spec)
-  headers = [h for h, _ in fixed] + [h for h, _ in optional]
-  formatters = [f for _, f in fixed] + [f for _, f in optional]
-  return format_table([[f(r) for f in formatters] for r in rows], headers)
+    columns += _optional_columns(rows, spec)
+  return format_table([[f(r) for _, f in columns] for r in rows], [h for h, _ in columns])
+
+
+def _epsilon_order(row: Mapping[str, Any]) -> float:
+  return -1.0 if row['epsilon'] is None else row['epsilon']
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -399,33 +397,24 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
   if clean:
     out.append('## Clean accuracy\n')
-    fixed = [('defense', lambda r: r['defense']), ('accuracy', lambda r: _pct(r['accuracy'])),
-             ('95% CI', lambda r: _ci(r['ci95'])), ('n', lambda r: str(r['n']))]
-    out.append(_table_with_optional(clean, fixed, [_DRAW_COLUMNS, _CALIBRATION_COLUMNS,
-                                                   _SECONDS_COLUMNS]))
+    out.append(_rows_table(clean, ('defense', 'accuracy', '95% CI', 'n'),
+                           [_DRAW_COLUMNS, _CALIBRATION_COLUMNS, _SECONDS_COLUMNS]))
 
   if attacked:
     out.append('## Robustness\n')
     attacked = sorted(attacked, key=lambda r: (r['defense'], r['attack'], _norm_key(r['norm']),
-                                               -1.0 if r['epsilon'] is None else r['epsilon']))
-    fixed = [('defense', lambda r: r['defense']), ('attack', lambda r: r['attack']),
-             ('norm', lambda r: r['norm'] or _EMPTY), ('ε', lambda r: _eps(r['epsilon'])),
-             ('accuracy', lambda r: _pct(r['accuracy'])), ('95% CI', lambda r: _ci(r['ci95'])),
-             ('n', lambda r: str(r['n']))]
-    out.append(_table_with_optional(attacked, fixed, [_DRAW_COLUMNS, _PERTURBATION_COLUMNS,
-                                                      _CALIBRATION_COLUMNS, _SECONDS_COLUMNS]))
+                                               _epsilon_order(r)))
+    out.append(_rows_table(attacked, ('defense', 'attack', 'norm', 'ε', 'accuracy', '95% CI', 'n'),
+                           [_DRAW_COLUMNS, _PERTURBATION_COLUMNS, _CALIBRATION_COLUMNS,
+                            _SECONDS_COLUMNS]))
 
   if worst:
     out.append('## Worst case over attacks\n')
     out.append('Per-example minimum over the listed attacks: an example counts as robust only if '
                'every attack failed on it.\n')
-    worst = sorted(worst, key=lambda r: (r['defense'], _norm_key(r['norm']),
-                                         -1.0 if r['epsilon'] is None else r['epsilon']))
-    fixed = [('defense', lambda r: r['defense']), ('norm', lambda r: r['norm'] or _EMPTY),
-             ('ε', lambda r: _eps(r['epsilon'])), ('accuracy', lambda r: _pct(r['accuracy'])),
-             ('95% CI', lambda r: _ci(r['ci95'])), ('n', lambda r: str(r['n'])),
-             ('attacks', lambda r: ', '.join(r['attacks']))]
-    out.append(_table_with_optional(worst, fixed, [_DRAW_COLUMNS]))
+    worst = sorted(worst, key=lambda r: (r['defense'], _norm_key(r['norm']), _epsilon_order(r)))
+    out.append(_rows_table(worst, ('defense', 'norm', 'ε', 'accuracy', '95% CI', 'n', 'attacks'),
+                           [_DRAW_COLUMNS]))
 
   if report['checks']:
     out.append('## Checks\n')
@@ -495,107 +484,7 @@ def flatten_dict(tree: Any, *, sep: str = '.') -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------
-# Plots.
-
-
-def _new_figure(width: float, height: float):
-  from matplotlib.figure import Figure  # Lazy: matplotlib costs ~0.5 s to import.
-  return Figure(figsize=(width, height), dpi=100, layout='constrained')
-
-
-def _png_bytes(fig) -> bytes:
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png')
-  return buf.getvalue()
-
-
-def _plot_accuracy_vs_epsilon(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
-  clean, attacked, worst = _split_rows(rows)
-  curves = [r for r in attacked + worst if r['norm'] is not None and r['epsilon'] is not None]
-  if not curves:
-    return None
-  norms = sorted({r['norm'] for r in curves}, key=_norm_key)
-  clean_by_defense = {r['defense']: r['accuracy'] for r in clean}
-  fig = _new_figure(6.0 * len(norms), 4.5)
-  axes = fig.subplots(1, len(norms), squeeze=False)[0]
-  for ax, norm in zip(axes, norms):
-    groups: dict[tuple[str, str, bool], list[Mapping[str, Any]]] = {}
-    for r in curves:
-      if r['norm'] == norm:
-        groups.setdefault((r['defense'], r['attack'], bool(r.get('worst_case'))), []).append(r)
-    for (defense, attack, is_worst), group in sorted(groups.items()):
-      group = sorted(group, key=lambda r: r['epsilon'])
-      eps = [float(r['epsilon']) for r in group]
-      acc = [float(r['accuracy']) for r in group]
-      lo = [float(r['ci95'][0]) if r['ci95'] else a for r, a in zip(group, acc)]
-      hi = [float(r['ci95'][1]) if r['ci95'] else a for r, a in zip(group, acc)]
-      # Curves start at the clean accuracy so the drop at the first epsilon is visible.
-      if eps[0] > 0 and defense in clean_by_defense:
-        eps, acc, lo, hi = [0.0] + eps, [clean_by_defense[defense]] + acc, [None] + lo, [None] + hi
-      label = f'{defense}: worst case' if is_worst else f'{defense}: {attack}'
-      line, = ax.plot(eps, acc, marker='o', markersize=4, label=label,
-                      linewidth=3.0 if is_worst else 1.3, color='black' if is_worst else None)
-      band = [(e, l, h) for e, l, h in zip(eps, lo, hi) if l is not None]
-      if band:
-        ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
-                        color=line.get_color(), alpha=0.15, linewidth=0)
-    ax.set_title({'linf': r'$\ell_\infty$', 'l2': r'$\ell_2$'}.get(norm, norm))
-    ax.set_xlabel('epsilon')
-    ax.set_ylabel('accuracy')
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  return _png_bytes(fig)
-
-
-def _plot_reliability(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
-  clean, _, _ = _split_rows(rows)
-  with_bins = [r for r in clean if r.get('calibration_bins')]
-  if not with_bins:
-    return None
-  fig = _new_figure(4.0 * len(with_bins), 4.0)
-  axes = fig.subplots(1, len(with_bins), squeeze=False)[0]
-  for ax, r in zip(axes, with_bins):
-    bins = r['calibration_bins']
-    conf = np.asarray(bins['confidence'], dtype=float)
-    acc = np.asarray(bins['accuracy'], dtype=float)
-    count = np.asarray(bins['count'], dtype=float)
-    keep = count > 0  # Empty bins carry no information (and often NaN accuracy).
-    width = 1.0 / max(len(conf), 1)
-    ax.bar(conf[keep], acc[keep], width=width * 0.9, alpha=0.7, edgecolor='black', label='accuracy')
-    ax.plot([0, 1], [0, 1], linestyle='--', color='gray', label='perfect calibration')
-    ece = r.get('ece')
-    ece_text = f', ECE {float(ece):.4f}' if _is_number(ece) and math.isfinite(float(ece)) else ''
-    ax.set_title(f"{r['defense']}{ece_text}", fontsize=9)
-    ax.set_xlabel('confidence')
-    ax.set_ylabel('accuracy')
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc='upper left')
-  return _png_bytes(fig)
-
-
-def _plot_sweep(sweep: Mapping[str, Any]) -> bytes:
-  values = list(sweep['values'])
-  numeric = all(_is_number(v) for v in values)
-  xs = [float(v) for v in values] if numeric else list(range(len(values)))
-  fig = _new_figure(5.5, 4.0)
-  ax = fig.subplots()
-  for key, label in (('clean_accuracy', 'clean'),
-                     ('robust_accuracy', f"robust ({sweep['attack']}, ε={_eps(sweep['epsilon'])})")):
-    ys = [np.nan if v is None else float(v) for v in sweep[key]]  # NaN leaves a gap in the line.
-    ax.plot(xs, ys, marker='o', label=label)
-  if not numeric:
-    ax.set_xticks(xs, [str(v) for v in values])
-  elif len(xs) > 2 and min(xs) > 0 and max(xs) / min(xs) > 100:
-    ax.set_xscale('log')  # Hyperparameters spanning decades read better on a log axis.
-  ax.set_xlabel(sweep['param'])
-  ax.set_ylabel('accuracy')
-  ax.set_ylim(-0.02, 1.02)
-  ax.set_title(f"{sweep['defense']}: {sweep['param']}")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  return _png_bytes(fig)
+# Writing.
 
 
 def _safe_filename_part(text: str) -> str:
@@ -626,68 +515,21 @@ def write_report(workdir: os.PathLike | str, report: Mapping[str, Any]) -> list[
   validate_report(report)
   workdir = pathlib.Path(workdir)
   plain = files.to_jsonable(report)
-  json_text = json.dumps(plain, indent=2, allow_nan=False) + '\n'
-  markdown = render_markdown(plain)
-  files: list[tuple[str, bytes]] = [('report.md', markdown.encode('utf-8'))]
-  for name, make in (('accuracy_vs_epsilon.png', _plot_accuracy_vs_epsilon),
-                     ('reliability.png', _plot_reliability)):
-    png = make(plain['rows'])
-    if png is not None:
-      files.append((name, png))
+  clean, attacked, worst = _split_rows(plain['rows'])
+  outputs: list[tuple[str, bytes | None]] = [
+      ('report.md', render_markdown(plain).encode('utf-8')),
+      ('accuracy_vs_epsilon.png', plots.accuracy_vs_epsilon(clean, attacked + worst)),
+      ('reliability.png', plots.reliability(clean))]
   for sweep in plain.get('sweeps') or []:
     name = (f"sweep_{_safe_filename_part(sweep['defense'])}_"
             f"{_safe_filename_part(sweep['param'])}.png")
-    files.append((name, _plot_sweep(sweep)))
-  files.append(('report.json', json_text.encode('utf-8')))
-  return [files.write_bytes_atomic(workdir / name, data) for name, data in files]
-
-
-def training_curves_plot(metrics_rows: Sequence[Mapping[str, Any]], path: os.PathLike | str
-                         ) -> pathlib.Path:
-  """Plots loss and accuracy against step from metrics.jsonl rows.
-
-  Every key whose name contains 'loss' goes in the left panel, every key
-  containing 'acc' in the right one (e.g. 'train/loss', 'test/accuracy'). Rows
-  lacking a key, or holding null for it, are skipped for that key only.
-
-  Args:
-    metrics_rows: dicts with a 'step' key, as from
-      `advdef.metric_writers.read_metrics`.
-    path: the PNG to write (atomically).
-
-  Returns:
-    The path written.
-
-  Raises:
-    ValueError: if no row holds a loss or accuracy metric.
-  """
-  keys = sorted({k for r in metrics_rows for k in r if k not in ('step', 'time')})
-  panels = [('loss', [k for k in keys if 'loss' in k.lower()]),
-            ('accuracy', [k for k in keys if 'acc' in k.lower()])]
-  panels = [(title, ks) for title, ks in panels if ks]
-  if not panels:
-    raise ValueError(f'training_curves_plot: no loss or accuracy metrics among keys {keys}; '
-                     "expected names containing 'loss' or 'acc'.")
-  fig = _new_figure(5.5 * len(panels), 4.0)
-  axes = fig.subplots(1, len(panels), squeeze=False)[0]
-  for ax, (title, panel_keys) in zip(axes, panels):
-    for key in panel_keys:
-      points = [(r['step'], r[key]) for r in metrics_rows
-                if _is_number(r.get(key)) and 'step' in r]
-      if points:
-        ax.plot([p[0] for p in points], [p[1] for p in points], label=key,
-                marker='o' if len(points) < 30 else None, markersize=3)
-    ax.set_title(title)
-    ax.set_xlabel('step')
-    if title == 'loss' and all(r[k] > 0 for r in metrics_rows for k in panel_keys
-                               if _is_number(r.get(k))):
-      ax.set_yscale('log')  # Losses shrink by orders of magnitude; a log axis keeps the tail visible.
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  return files.write_bytes_atomic(path, _png_bytes(fig))
+    outputs.append((name, plots.sweep(sweep)))
+  outputs.append(('report.json', files.dumps_json(plain).encode('utf-8')))
+  return [files.write_bytes_atomic(workdir / name, data) for name, data in outputs
+          if data is not None]
 
 
 __all__ = [
     'CHECK_STATUSES', 'NORMS', 'flatten_dict', 'format_table', 'new_report',
-    'render_markdown', 'training_curves_plot', 'validate_report', 'write_report',
+    'render_markdown', 'validate_report', 'write_report',
 ]

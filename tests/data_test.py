@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from advdef import data
+from advdef.data import tfds_source
 
 
 def make_config(**overrides):
@@ -173,20 +174,37 @@ def test_fake_is_deterministic_and_shaped():
 
 
 @pytest.mark.parametrize('overrides, message', [
-    (dict(source='csv'), r"data.source='csv' is not one of \('digits', 'npz', 'tfds', 'fake'\)"),
+    (dict(source='csv'), r"data.source='csv' is not valid; valid choices: digits, npz, tfds, fake"),
     (dict(source='tfds', name='imagenet'), r"data.name='imagenet' .*'mnist', 'fashion_mnist'"),
     (dict(source='npz', path=''), r'data.path is empty.*mnist10k.npz'),
     (dict(source='npz', path='/no/such/file.npz'), r"data.path='/no/such/file.npz' is not a file"),
-    (dict(num_train=-1), r'data.num_train must be an integer >= 0'),
-    (dict(num_test=2.5), r'data.num_test must be an integer >= 0'),
+    (dict(num_train=-1), r'data.num_train=-1 must be an integer >= 0'),
+    (dict(num_test=2.5), r'data.num_test=2.5 must be an integer >= 0'),
+    (dict(split_seed=True), r'data.split_seed=True must be an integer >= 0'),
+    (dict(download='yes'), r"data.download='yes' must be True or False"),
     (dict(test_fraction=1.0), r'data.test_fraction must be a number in \(0, 1\)'),
     (dict(test_fraction=0.0), r'data.test_fraction must be a number in \(0, 1\)'),
     (dict(source='fake', fake_shape=(8, 8)), r'data.fake_shape must be \(H, W, C\)'),
+    (dict(source='fake', fake_shape=(8, 0, 1)), r'data.fake_shape\[1\]=0 must be an integer >= 1'),
+    (dict(source='fake', fake_num_classes=0), r'data.fake_num_classes=0 must be an integer >= 1'),
     (dict(num_trian=5), r"Unknown data config field\(s\) \['num_trian'\]"),
 ])
 def test_validate_data_config_errors(overrides, message):
   with pytest.raises(ValueError, match=message):
     data.validate_data_config(make_config(**overrides))
+
+
+def test_defaults_are_base_config_data():
+  from advdef import config_utils
+  base = config_utils.base_config().data.to_dict()
+  assert set(data.DEFAULTS) == set(base)
+  # An absent name means the source's own label (file stem, 'fake'), not base_config's 'digits'.
+  assert data.DEFAULTS['name'] == ''
+  assert {k: v for k, v in data.DEFAULTS.items() if k != 'name'} == {
+      k: v for k, v in base.items() if k != 'name'}
+  assert isinstance(data.DEFAULTS['fake_shape'], tuple)
+  # Every absent field falls back to a valid default.
+  data.validate_data_config({'source': 'fake'})
 
 
 def test_validate_accepts_config_dict():
@@ -203,7 +221,7 @@ def test_validate_accepts_config_dict():
 # policy AUTO falls back to USE_CODE (no metadata files ship for these data sets), which
 # fakes examples from the builder's feature spec, so no TensorFlow or files are needed.
 # USE_FILES fails here for lack of metadata. The mocked source's __getitems__ is broken
-# (a missing argument), which is why data.py reads records one at a time.
+# (a missing argument), which is why tfds_source.py reads records one at a time.
 
 
 @pytest.mark.parametrize('name, shape', [('mnist', (28, 28, 1)), ('cifar10', (32, 32, 3))])
@@ -215,7 +233,7 @@ def test_tfds_with_mock_data(tmp_path, name, shape):
   assert splits.train_images.shape == (20, *shape) and splits.test_images.shape == (10, *shape)
   assert splits.train_images.dtype == np.uint8 and splits.train_labels.dtype == np.int32
   assert splits.info.num_classes == 10 and splits.train_labels.max() < 10
-  assert splits.info.mean == data._TFDS_STATS[name][0]
+  assert splits.info.mean == tfds_source._TFDS_STATS[name][0]
 
 
 def test_tfds_not_prepared_offline_message(tmp_path):
@@ -376,6 +394,22 @@ def test_augment_rejects_raw_keys_and_bad_args():
     data.augment(jax.random.key(0), x, crop_padding=-1, flip=False)
   with pytest.raises(ValueError, match='exceeds the 5 training examples'):
     data.steps_per_epoch(5, 8)
+
+
+def test_pipeline_argument_checks(indexed):
+  images, labels = indexed
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match=r'train.batch_size=0 must be an integer >= 1'):
+    data.steps_per_epoch(5, 0)
+  with pytest.raises(ValueError, match=r'train.augment.flip=1 must be True or False'):
+    data.augment(key, jnp.zeros((2, 4, 4, 1)), crop_padding=0, flip=1)
+  perm = jnp.arange(4, dtype=jnp.int32)
+  with pytest.raises(ValueError, match='batch_size=8 exceeds the permutation length 4'):
+    data.train_batch(images, labels, perm, 0, key, batch_size=8)
+  with pytest.raises(ValueError, match=r'batch_size=0 must be an integer >= 1'):
+    data.train_batch(images, labels, perm, 0, key, batch_size=0)
+  with pytest.raises(ValueError, match=r'step_in_epoch=2 is outside \[0, 2\)'):
+    data.train_batch(images, labels, perm, 2, key, batch_size=2)
 
 
 @pytest.mark.parametrize('as_device', [False, True])

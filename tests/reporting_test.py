@@ -1,4 +1,5 @@
-"""Tests for advdef.reporting: schema validation, atomic writes, Markdown tables and plots."""
+"""Tests for advdef.reporting and advdef.plots: schema validation, atomic writes, Markdown
+tables and plots."""
 
 import copy
 import json
@@ -12,8 +13,8 @@ import pytest
 
 import advdef
 from advdef.files import write_json_atomic
-from advdef.reporting import (format_table, new_report, training_curves_plot, validate_report,
-                              write_report)
+from advdef import plots
+from advdef.reporting import format_table, new_report, validate_report, write_report
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -230,11 +231,28 @@ def test_format_table():
     format_table([[1, 2]], ['a', 'b', 'c'])
 
 
-def test_training_curves_plot(tmp_path):
+def test_training_curves(tmp_path):
   rows = [{'step': s, 'time': float(s), 'train/loss': 2.0 / s, 'train/accuracy': 1 - 1.0 / (s + 1),
            'test/accuracy': None if s % 2 else 0.5 + s / 40} for s in range(1, 21)]
-  path = training_curves_plot(rows, tmp_path / 'curves.png')
+  path = plots.training_curves(rows, tmp_path / 'curves.png')
   data = path.read_bytes()
   assert data[:8] == PNG_MAGIC and len(data) > 1024
   with pytest.raises(ValueError, match="no loss or accuracy"):
-    training_curves_plot([{'step': 1, 'lr': 0.1}], tmp_path / 'none.png')
+    plots.training_curves([{'step': 1, 'lr': 0.1}], tmp_path / 'none.png')
+
+
+def test_plots_skip_what_cannot_be_drawn():
+  clean = [_clean_row('baseline', 0.9, None)]
+  no_epsilon = {**_clean_row('baseline', 0.5, None), 'attack': 'pgd'}
+  assert plots.accuracy_vs_epsilon(clean, []) is None
+  assert plots.accuracy_vs_epsilon(clean, [no_epsilon]) is None
+  assert plots.reliability(clean) is None
+  png = plots.accuracy_vs_epsilon(clean, [{**no_epsilon, 'norm': 'linf', 'epsilon': 0.1}])
+  assert png[:8] == PNG_MAGIC
+
+
+def test_per_draw_accuracy_nan_is_named():
+  report = _realistic_report()
+  report['rows'][1]['per_draw_accuracy'] = float('nan')
+  with pytest.raises(ValueError, match=r"'per_draw_accuracy' must be .*got None \(NaN or inf\)"):
+    validate_report(report)
