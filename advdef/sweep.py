@@ -50,7 +50,6 @@ import copy
 import dataclasses
 import hashlib
 import importlib.util
-import io
 import itertools
 import json
 import os
@@ -58,18 +57,26 @@ import re
 import sys
 from typing import Any, Callable, Sequence
 
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+import jax
 import ml_collections
+from ml_collections import config_flags
 
 from advdef import config_utils
+from advdef import experiment
 from advdef import files
+from advdef import parallel
+from advdef import reporting
+from advdef import sweep_summary
 
+FLAGS = flags.FLAGS
 REPORT = 'report.json'
 POINT_FILE = 'sweep_point.json'
 ERROR_FILE = 'sweep_error.txt'
-GATHER_FILES = ('sweep.json', 'sweep.md', 'sweep.png')
 _MAX_NAME = 200  # Bytes; file systems allow 255 per path component.
 _SAFE_CHARS = re.compile(r'[^A-Za-z0-9._=,+()\-]')
-
 
 
 def _say(fmt: str, *args) -> None:
@@ -79,10 +86,6 @@ def _say(fmt: str, *args) -> None:
 
 class SweepError(ValueError):
   """A bad sweep spec, grid, shard or sub-workdir; raised before any compute."""
-
-
-# ------------------------------------------------------------------------------------------
-# The spec: product / zip of field=(values) axes.
 
 
 _CALL_RE = re.compile(r'^\s*(product|zip)\s*\((.*)\)\s*$', re.S)
@@ -185,30 +188,13 @@ def expand_sweep(sweep) -> list[dict[str, Any]]:
   return points
 
 
-# ------------------------------------------------------------------------------------------
-# Points: names, configs.
-
-
-def _format_value(value) -> str:
-  if isinstance(value, str):
-    return value
-  if isinstance(value, tuple):
-    return '(' + ','.join(_format_value(v) for v in value) + (',)' if len(value) == 1 else ')')
-  return repr(value)
-
-
-def _short_names(fields: Sequence[str]) -> dict[str, str]:
-  """Last component of each dotted field, or the whole field where that is ambiguous."""
-  last = [f.rsplit('.', 1)[-1] for f in fields]
-  return {f: (s if last.count(s) == 1 else f) for f, s in zip(fields, last)}
-
-
 def point_name(overrides: dict[str, Any], short: dict[str, str] | None = None) -> str:
   """The sub-workdir name of a point: 'learning_rate=0.05,seed=0' (file-system safe)."""
   if not overrides:
     return 'base'
-  short = short or _short_names(list(overrides))
-  name = ','.join(f'{short.get(f, f)}={_format_value(v)}' for f, v in overrides.items())
+  short = short or sweep_summary.short_names(list(overrides))
+  name = ','.join(f'{short.get(f, f)}={sweep_summary.format_value(v)}'
+                  for f, v in overrides.items())
   name = _SAFE_CHARS.sub('_', name)
   if name.startswith('.'):
     name = '_' + name[1:]
@@ -270,7 +256,7 @@ def make_points(config: ml_collections.ConfigDict, sweep) -> list[Point]:
   """Expands a sweep against a config: every point's config and unique sub-workdir name."""
   overrides = expand_sweep(sweep)
   fields = list(dict.fromkeys(f for p in overrides for f in p))
-  short = _short_names(fields)
+  short = sweep_summary.short_names(fields)
   points, names = [], {}
   for i, o in enumerate(overrides):
     name = point_name(o, short)
@@ -296,30 +282,6 @@ def parse_shard(text: str) -> tuple[int, int]:
   return i, n
 
 
-# ------------------------------------------------------------------------------------------
-# Running.
-
-
-def _jsonable(config) -> Any:
-  from advdef import config_utils
-  return json.loads(json.dumps(config_utils.to_dict(config)))
-
-
-def _jsonable_value(value) -> Any:
-  return list(map(_jsonable_value, value)) if isinstance(value, (list, tuple)) else value
-
-
-def _flat(tree, prefix=''):
-  out = {}
-  for k, v in tree.items():
-    key = f'{prefix}.{k}' if prefix else str(k)
-    if isinstance(v, dict):
-      out.update(_flat(v, key))
-    else:
-      out[key] = v
-  return out
-
-
 def _read_json(path: str):
   try:
     with open(path) as f:
@@ -343,7 +305,8 @@ def _check_finished_matches(workdir: str, point: Point) -> None:
   report = _read_json(os.path.join(workdir, point.name, REPORT))
   if not report or not isinstance(report.get('config'), dict):
     return
-  old, new = _flat(report['config']), _flat(_jsonable(point.config))
+  old = reporting.flatten_dict(report['config'])
+  new = reporting.flatten_dict(files.to_jsonable(point.config))
   # Fields only one side has (a newer advdef added them) are not a difference.
   diff = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
   if diff:
@@ -355,7 +318,6 @@ def _check_finished_matches(workdir: str, point: Point) -> None:
 
 def validate_points(points: Sequence[Point], workdir: str) -> None:
   """Every point's config (experiment.validate_config) and finished sub-workdirs, up front."""
-  from advdef import experiment
   for p in points:
     try:
       experiment.validate_config(p.config)
@@ -397,9 +359,6 @@ def run_sweep(config: ml_collections.ConfigDict, sweep, workdir: str, *,
   Raises:
     SweepError: bad spec, grid, override, shard or sub-workdir, before any compute.
   """
-  import jax
-  from advdef import experiment
-  from advdef import reporting
   i, n = shard
   parse_shard(f'{i}/{n}')
   if n > 1 and jax.process_count() > 1:
@@ -413,7 +372,7 @@ def run_sweep(config: ml_collections.ConfigDict, sweep, workdir: str, *,
     validate_points(points, workdir)
     mine = [p for p in points if p.index % n == i]
     _say('%d points, shard %d/%d runs %d: %s', len(points), i, n, len(mine),
-                ', '.join(p.name for p in mine) or '(none)')
+         ', '.join(p.name for p in mine) or '(none)')
     for p in mine:
       d = os.path.join(workdir, p.name)
       if point_status(workdir, p) == 'done':
@@ -446,34 +405,6 @@ def run_sweep(config: ml_collections.ConfigDict, sweep, workdir: str, *,
   return result
 
 
-# ------------------------------------------------------------------------------------------
-# Gathering.
-
-
-def _summarize_report(report: dict) -> dict[str, Any]:
-  """Clean accuracy per defense; worst-case accuracy per (defense, norm, epsilon).
-
-  The worst case is the report's per-example worst-case row; with a single attack at an
-  epsilon (no worst-case row) it is that attack's accuracy.
-  """
-  rows = report.get('rows', [])
-  clean = {r['defense']: r['accuracy'] for r in rows if r.get('attack') == 'none'}
-  worst: dict[tuple, float] = {}
-  for r in rows:
-    if r.get('attack') == 'none' or r.get('epsilon') is None:
-      continue
-    k = (r['defense'], r['norm'], r['epsilon'])
-    if r.get('worst_case'):
-      worst[k] = r['accuracy']
-    elif not any(x.get('worst_case') and (x['defense'], x['norm'], x['epsilon']) == k
-                 for x in rows):
-      worst[k] = min(worst.get(k, 1.0), r['accuracy'])
-  return {'clean_accuracy': clean,
-          'worst_case': [{'defense': d, 'norm': nm, 'epsilon': e, 'accuracy': a}
-                         for (d, nm, e), a in worst.items()],
-          'wall_seconds': report.get('wall_seconds')}
-
-
 def gather_points(workdir: str, points: Sequence[Point]) -> list[dict[str, Any]]:
   """One record per point: overrides, status and (when done) its summarized report."""
   records = []
@@ -483,118 +414,12 @@ def gather_points(workdir: str, points: Sequence[Point]) -> list[dict[str, Any]]
            'workdir': p.name}
     if status == 'done':
       report = _read_json(os.path.join(workdir, p.name, REPORT)) or {}
-      rec.update(_summarize_report(report))
+      rec.update(sweep_summary.summarize_report(report))
     elif status == 'failed':
       with open(os.path.join(workdir, p.name, ERROR_FILE)) as f:
         rec['error'] = f.read().strip()
     records.append(rec)
   return records
-
-
-def _pct(x) -> str:
-  return '—' if x is None else f'{100 * x:.2f}%'
-
-
-def _columns(records) -> tuple[list[str], list[tuple]]:
-  defenses = list(dict.fromkeys(d for r in records for d in r.get('clean_accuracy', {})))
-  worst = list(dict.fromkeys((w['defense'], w['norm'], w['epsilon']) for r in records
-                             for w in r.get('worst_case', [])))
-  worst.sort(key=lambda k: (defenses.index(k[0]) if k[0] in defenses else len(defenses),
-                            k[1], k[2]))
-  return defenses, worst
-
-
-def render_markdown(records, *, source: str = '') -> str:
-  """sweep.md: one row per point."""
-  from advdef import reporting
-  fields = list(dict.fromkeys(f for r in records for f in r['overrides']))
-  short = _short_names(fields)
-  defenses, worst = _columns(records)
-  many_norms = len({k[1] for k in worst}) > 1
-  columns = (['#'] + [short[f] for f in fields] + ['status'] +
-             [f'{d} clean' for d in defenses] +
-             [f'{d} worst ε={e:g}' + (f' ({nm})' if many_norms else '') for d, nm, e in worst])
-  rows = []
-  for r in records:
-    w = {(x['defense'], x['norm'], x['epsilon']): x['accuracy'] for x in r.get('worst_case', [])}
-    status = r['status'] if r['status'] != 'failed' else f"failed: {r.get('error', '')}"
-    rows.append([str(r['index'])] + [_format_value(r['overrides'][f]) if f in r['overrides']
-                                     else '—' for f in fields] + [status] +
-                [_pct(r.get('clean_accuracy', {}).get(d)) for d in defenses] +
-                [_pct(w.get(k)) for k in worst])
-  done = sum(r['status'] == 'done' for r in records)
-  out = ['# advdef sweep\n',
-         f'{done} of {len(records)} points finished.' + (f' Sweep: `{source}`.' if source
-                                                          else '') + '\n',
-         'Clean: accuracy on clean test examples. Worst: per-example worst case over the '
-         "run's attacks at that epsilon (each point's report.md has the details).\n",
-         reporting.format_table(rows, columns)]
-  return '\n'.join(out)
-
-
-def _numeric(values) -> bool:
-  return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-
-
-def render_plot(records) -> bytes | None:
-  """sweep.png: per defense, clean and worst-case accuracy against the swept field.
-
-  The x axis is the first override field whose values are numeric and vary (points that
-  share its value, e.g. seeds, are drawn as dots around their mean); otherwise the points.
-  """
-  done = [r for r in records if r['status'] == 'done']
-  if not done:
-    return None
-  from matplotlib.figure import Figure  # Lazy: matplotlib costs ~0.5 s to import.
-  fields = list(dict.fromkeys(f for r in records for f in r['overrides']))
-  varying = [f for f in fields if _numeric([r['overrides'].get(f) for r in done])
-             and len({r['overrides'].get(f) for r in done}) > 1]
-  # Seeds are replicates, not a hyperparameter: another numeric field makes a better axis.
-  x_field = next((f for f in varying if f.rsplit('.', 1)[-1] != 'seed'),
-                 varying[0] if varying else None)
-  defenses, worst = _columns(done)
-  if x_field is None:
-    xs = {r['index']: k for k, r in enumerate(done)}
-  else:
-    xs = {r['index']: float(r['overrides'][x_field]) for r in done}
-  fig = Figure(figsize=(5.0 * max(1, len(defenses)), 4.0), dpi=100, layout='constrained')
-  axes = fig.subplots(1, max(1, len(defenses)), squeeze=False)[0]
-  for ax, d in zip(axes, defenses or ['']):
-    series = [('clean', lambda r, d=d: r.get('clean_accuracy', {}).get(d))]
-    for dd, nm, e in worst:
-      if dd == d:
-        series.append((f'worst ε={e:g}' + (f' {nm}' if len({k[1] for k in worst}) > 1 else ''),
-                       lambda r, k=(dd, nm, e): next((w['accuracy'] for w in r['worst_case']
-                                                      if (w['defense'], w['norm'],
-                                                          w['epsilon']) == k), None)))
-    for label, get in series:
-      pts = [(xs[r['index']], get(r)) for r in done if get(r) is not None]
-      if not pts:
-        continue
-      by_x: dict[float, list[float]] = {}
-      for x, y in pts:
-        by_x.setdefault(x, []).append(y)
-      ux = sorted(by_x)
-      line, = ax.plot(ux, [sum(by_x[x]) / len(by_x[x]) for x in ux], marker='o', label=label)
-      if any(len(v) > 1 for v in by_x.values()):
-        ax.scatter([x for x, _ in pts], [y for _, y in pts], color=line.get_color(), alpha=0.4,
-                   s=12)
-    if x_field is None:
-      ax.set_xticks(list(xs.values()), [r['name'] for r in done], rotation=45, ha='right',
-                    fontsize=7)
-      ax.set_xlabel('point')
-    else:
-      ax.set_xlabel(x_field)
-      if min(xs.values()) > 0 and max(xs.values()) / min(xs.values()) > 100:
-        ax.set_xscale('log')
-    ax.set_ylabel('accuracy')
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(d)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png')
-  return buf.getvalue()
 
 
 def write_gather(workdir: str, points: Sequence[Point], *, source: str = '',
@@ -603,20 +428,16 @@ def write_gather(workdir: str, points: Sequence[Point], *, source: str = '',
   os.makedirs(workdir, exist_ok=True)
   records = gather_points(workdir, points)
   written = []
-  png = render_plot(records)
+  png = sweep_summary.render_plot(records)
   if png is not None:
     written.append(str(files.write_bytes_atomic(os.path.join(workdir, 'sweep.png'), png)))
-  written.append(str(files.write_text_atomic(os.path.join(workdir, 'sweep.md'),
-                                                 render_markdown(records, source=source))))
+  markdown = sweep_summary.render_markdown(records, source=source)
+  written.append(str(files.write_text_atomic(os.path.join(workdir, 'sweep.md'), markdown)))
   written.append(str(files.write_json_atomic(os.path.join(workdir, 'sweep.json'), {
       'source': source, **(meta or {}), 'num_points': len(records),
       'num_done': sum(r['status'] == 'done' for r in records), 'points': records})))
   _say('wrote %s', ', '.join(written))
   return written
-
-
-# ------------------------------------------------------------------------------------------
-# Command line.
 
 
 def load_config_module(config_flag_value: str):
@@ -638,24 +459,14 @@ def sweep_from_module(module, arg) -> Any:
 
 
 def main(argv):
-  from absl import flags
-  FLAGS = flags.FLAGS
   if len(argv) > 1:
-    from absl import app
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from absl import logging as absl_logging
   # orbax logs dozens of INFO lines per checkpoint; keep the console for progress and errors.
   absl_logging.set_verbosity(absl_logging.WARNING)
-  from ml_collections import config_flags
   config_value = config_flags.get_config_filename(FLAGS['config'])
   try:
     shard = parse_shard(FLAGS.shard)
-    try:
-      from advdef import parallel  # Multi-host data parallelism, when the config asks.
-    except ImportError:
-      parallel = None
-    if parallel is not None and hasattr(parallel, 'initialize_distributed'):
-      parallel.initialize_distributed(FLAGS.config)
+    parallel.initialize_distributed(FLAGS.config)  # Multi-host, when the config asks.
     if FLAGS.sweep:
       sweep, source = FLAGS.sweep, FLAGS.sweep
     else:
@@ -672,8 +483,7 @@ def main(argv):
     overrides = config_flags.get_override_values(FLAGS['config'])
     result = run_sweep(config, sweep, FLAGS.workdir, shard=shard, gather=FLAGS.gather,
                        progress=sys.stderr.isatty(), source=source,
-                       meta={'config_overrides': {k: _jsonable_value(v)
-                                                  for k, v in overrides.items()}})
+                       meta={'config_overrides': files.to_jsonable(overrides)})
   except (SweepError, ValueError, FileNotFoundError) as e:
     # Bad sweeps and configs fail before any compute: one readable line, no traceback.
     print(f'advdef.sweep: error: {e}', file=sys.stderr)
@@ -686,11 +496,8 @@ def main(argv):
 
 
 def _define_flags():
-  import os as _os
-  from absl import flags
-  from ml_collections import config_flags
-  default = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))),
-                          'configs', 'quickstart.py')
+  default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         'configs', 'quickstart.py')
   config_flags.DEFINE_config_file('config', default, 'Experiment config file (path[:argument]); '
                                   'its get_sweep(argument) gives the grid.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Sweep directory; point p runs in WORKDIR/<p.name>.',
@@ -704,6 +511,5 @@ def _define_flags():
 
 
 if __name__ == '__main__':
-  from absl import app
   _define_flags()
   app.run(main)

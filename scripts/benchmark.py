@@ -19,7 +19,7 @@ float32 precision and step count):
              vs a sequential Python loop of k jitted gradient passes per step (how AutoAttack,
              torchattacks and foolbox do EOT), and torchattacks' EOTPGD on the same noisy model.
   5 sweep    A JumpReLU kappa sweep (10 values) in one vmapped compiled call vs 10 separately
-             jitted calls (`advdef.sweeps.benchmark_kappa_sweep`; inline fallback when absent).
+             jitted calls (scripts/sweep_timing.py).
   6 compile  Compile time of the train step and of PGD-20 (lower+compile, and first call minus
              the steady-state median).
   7 flops    Achieved FLOP/s of a train step and of one PGD step (FLOPs from XLA's
@@ -41,17 +41,9 @@ Rows marked (diag) are diagnostics, not peers and not used for targets: the very
 advdef's PGD (or vectorised EOT) jitted alone and called from a Python loop, which separates
 the cost of the step from the cost of running it inside `lax.fori_loop`.
 
-Peers are installed by this script, never into advdef's environment (nor requirements.txt):
-  <bench home>/torch-venv      a clean venv: torch==2.13.0, torchattacks==3.5.1 (--no-deps:
-                               its torchvision requirement is never imported and would pin
-                               another torch), numpy, scipy, tqdm, requests.
-  <bench home>/foolbox-site    foolbox==3.3.4, eagerpy==0.30.0, GitPython (--no-deps, via
-                               pip --target), appended to sys.path of a worker process that
-                               runs this script with `--foolbox-worker`, so foolbox drives the
-                               very jax/flax/advdef of this environment.
-<bench home> is $ADVDEF_BENCH_HOME or ~/.cache/advdef-bench. A peer that cannot be installed
-gets a row saying why. On a machine without a GPU the installer refuses a CUDA build of
-torch (pip's dry-run report is checked first).
+Peers (PyTorch, torchattacks, foolbox) are installed and started by scripts/peers_setup.py
+(`python scripts/peers_setup.py` prepares them ahead of a run), never into advdef's
+environment. A peer that cannot be installed gets a row saying why.
 
 Modes: full (default; for a GPU or a long run), --quick (the same comparisons at small
 batches and fewer repeats; a few minutes on 2 CPU cores), --tiny (a smoke test for
@@ -63,29 +55,28 @@ Targets (ratios measured in one run) are printed as PASS/MISS; they are reported
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
 import platform
-import queue
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # Run from a checkout without installing the package.
 
+import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 from advdef import attacks  # noqa: E402
 from advdef import defenses  # noqa: E402
@@ -93,11 +84,9 @@ from advdef import models  # noqa: E402
 from advdef import retrofit  # noqa: E402
 from advdef import training  # noqa: E402
 
-TORCH_VERSION = '2.13.0'
-TORCHATTACKS_VERSION = '3.5.1'
-FOOLBOX_PINS = ('foolbox==3.3.4', 'eagerpy==0.30.0', 'GitPython==3.1.45', 'gitdb==4.0.12',
-                'smmap==5.0.2')
-PEER_TIMEOUT_S = 1800.0
+# Sibling scripts (scripts/ is not a package): Python puts this file's directory on sys.path.
+import peers_setup  # noqa: E402
+import sweep_timing  # noqa: E402
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 SHAPES = {'resnet20': (32, 32, 3), 'lenet_like': (28, 28, 1)}
@@ -118,7 +107,6 @@ MODES: dict[str, dict[str, Any]] = {
                  eot_k=2, eot_batch=2, eot_steps=2, sweep_examples=8, sweep_steps=2,
                  sweep_points=2, repeats=1, matmul_n=256),
 }
-KAPPAS = tuple(round(0.2 * i, 1) for i in range(10))
 
 # (key, description, op, threshold). Values are ratios > 1 = advdef better, except 'sap'.
 TARGETS = (
@@ -163,23 +151,15 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def num_cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
-
-
 def describe_machine() -> dict[str, Any]:
-  import flax
-  import optax
   dev = jax.devices()[0]
   return {
-      'cpu_model': cpu_model(), 'cores_available': num_cores(), 'cpu_count': os.cpu_count(),
-      'load_average_start': list(os.getloadavg()), 'python': platform.python_version(),
-      'jax': jax.__version__, 'jaxlib': getattr(jax.lib, '__version__', None) or
-      _dist_version('jaxlib'), 'flax': flax.__version__, 'optax': optax.__version__,
-      'numpy': np.__version__, 'backend': jax.default_backend(), 'device_kind': dev.device_kind,
+      'cpu_model': cpu_model(), 'cores_available': peers_setup.num_cores(),
+      'cpu_count': os.cpu_count(), 'load_average_start': list(os.getloadavg()),
+      'python': platform.python_version(), 'jax': jax.__version__,
+      'jaxlib': getattr(jax.lib, '__version__', None) or _dist_version('jaxlib'),
+      'flax': flax.__version__, 'optax': optax.__version__, 'numpy': np.__version__,
+      'backend': jax.default_backend(), 'device_kind': dev.device_kind,
       'device_count': jax.device_count(), 'platform': platform.platform(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
@@ -187,238 +167,9 @@ def describe_machine() -> dict[str, Any]:
 
 def _dist_version(name):
   try:
-    from importlib.metadata import version
-    return version(name)
+    return metadata.version(name)
   except Exception:
     return None
-
-
-# ------------------------------------------------------------------------------------------
-# Peer environments (isolated; never advdef's own environment).
-
-
-def bench_home(args) -> Path:
-  return Path(args.bench_home or os.environ.get('ADVDEF_BENCH_HOME') or
-              '~/.cache/advdef-bench').expanduser()
-
-
-def _run(cmd, timeout=1200, env=None) -> tuple[int, str]:
-  try:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    return p.returncode, (p.stdout + p.stderr)[-3000:]
-  except subprocess.TimeoutExpired:
-    return 124, f'timed out after {timeout} s: {" ".join(map(str, cmd))}'
-  except OSError as e:
-    return 1, f'{type(e).__name__}: {e}'
-
-
-def _last_line(text: str) -> str:
-  lines = [l for l in text.strip().splitlines() if l.strip()]
-  return lines[-1][:300] if lines else ''
-
-
-def ensure_torch_env(home: Path, on_gpu: bool) -> tuple[str | None, dict[str, Any]]:
-  """Creates (once) the clean torch venv. Returns (python path or None, status)."""
-  venv = home / 'torch-venv'
-  py = venv / 'bin' / 'python'
-  marker = venv / 'advdef-bench.json'
-  status: dict[str, Any] = {'env': str(venv)}
-  if marker.exists() and py.exists():
-    state = json.loads(marker.read_text())
-    if (state.get('torch_pin') == TORCH_VERSION and
-        state.get('torchattacks') == TORCHATTACKS_VERSION):
-      status.update(state, installed_now=False)
-      return str(py), status
-  t0 = time.time()
-  if not (marker.exists() and py.exists()):
-    shutil.rmtree(venv, ignore_errors=True)
-    home.mkdir(parents=True, exist_ok=True)
-    rc, out = _run([sys.executable, '-m', 'venv', str(venv)], timeout=300)
-    if rc:
-      return None, dict(status, reason=f'python -m venv failed: {_last_line(out)}')
-    pip = [str(py), '-m', 'pip', 'install', '--disable-pip-version-check']
-    # Resolve first: without a GPU, refuse a CUDA build of torch (GBs of nvidia wheels).
-    report = venv / 'torch-dry-run.json'
-    rc, out = _run(pip + ['--dry-run', '--quiet', '--report', str(report),
-                          f'torch=={TORCH_VERSION}'], timeout=600)
-    if rc:
-      return None, dict(status, reason=f'pip cannot resolve torch=={TORCH_VERSION}: '
-                                       f'{_last_line(out)}')
-    items = json.loads(report.read_text()).get('install', [])
-    names = [i['metadata']['name'].lower() for i in items]
-    torch_item = [i for i in items if i['metadata']['name'].lower() == 'torch']
-    torch_v = torch_item[0]['metadata']['version'] if torch_item else '?'
-    cuda = any(n.startswith('nvidia') for n in names) or ('+cpu' not in torch_v and
-                                                          sys.platform == 'linux')
-    if cuda and not on_gpu:
-      return None, dict(status, reason=(
-          f'pip resolves torch=={TORCH_VERSION} to a CUDA build ({torch_v}, '
-          f'{sum(n.startswith("nvidia") for n in names)} nvidia wheels) on a machine without a '
-          'GPU; refused. Put the CPU wheel (torch-2.13.0+cpu) in pip\'s find-links and rerun.'))
-    rc, out = _run(pip + [f'torch=={TORCH_VERSION}', 'numpy'], timeout=1800)
-    if rc:
-      return None, dict(status, reason=f'pip install torch=={TORCH_VERSION} failed: '
-                                       f'{_last_line(out)}')
-    rc, out = _run([str(py), '-c', 'import torch; print(torch.__version__)'], timeout=300)
-    if rc:
-      return None, dict(status, reason=f'import torch failed: {_last_line(out)}')
-    marker.write_text(json.dumps({'torch_pin': TORCH_VERSION, 'torch': out.strip()}))
-  state = json.loads(marker.read_text())
-  pip = [str(py), '-m', 'pip', 'install', '--disable-pip-version-check']
-  rc, out = _run(pip + ['--no-deps', f'torchattacks=={TORCHATTACKS_VERSION}'], timeout=600)
-  if rc == 0:
-    rc, out = _run(pip + ['scipy', 'tqdm', 'requests'], timeout=900)
-  if rc == 0:
-    rc, out = _run([str(py), '-c', 'import torchattacks; print(torchattacks.__version__)'])
-  if rc == 0:
-    state['torchattacks'] = TORCHATTACKS_VERSION
-    state.pop('torchattacks_error', None)
-  else:
-    state['torchattacks_error'] = _last_line(out)
-  marker.write_text(json.dumps(state))
-  status.update(state, installed_now=True, install_seconds=time.time() - t0)
-  return str(py), status
-
-
-def ensure_foolbox_site(home: Path) -> tuple[str | None, dict[str, Any]]:
-  """pip --target install of foolbox + eagerpy (no deps) for the foolbox worker."""
-  site = home / 'foolbox-site'
-  marker = site / 'advdef-bench.json'
-  status: dict[str, Any] = {'site': str(site)}
-  if marker.exists() and json.loads(marker.read_text()).get('pins') == list(FOOLBOX_PINS):
-    return str(site), dict(status, installed_now=False)
-  shutil.rmtree(site, ignore_errors=True)
-  t0 = time.time()
-  rc, out = _run([sys.executable, '-m', 'pip', 'install', '--disable-pip-version-check',
-                  '--no-deps', '--target', str(site), *FOOLBOX_PINS], timeout=900)
-  if rc:
-    return None, dict(status, reason=f'pip install {" ".join(FOOLBOX_PINS)} failed: '
-                                     f'{_last_line(out)}')
-  marker.write_text(json.dumps({'pins': list(FOOLBOX_PINS)}))
-  return str(site), dict(status, installed_now=True, install_seconds=time.time() - t0)
-
-
-class PeerError(RuntimeError):
-  pass
-
-
-class Peer:
-  """A JSON-lines subprocess (peer_reference.py --serve, or this script's foolbox worker)."""
-
-  def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None):
-    self.name = name
-    self.stderr = tempfile.TemporaryFile(mode='w+')
-    self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=self.stderr, text=True, bufsize=1, env=env)
-    self.lines: queue.Queue = queue.Queue()
-    threading.Thread(target=self._read, daemon=True).start()
-
-  def _read(self):
-    for line in self.proc.stdout:
-      self.lines.put(line)
-    self.lines.put(None)
-
-  def stderr_tail(self) -> str:
-    self.stderr.seek(0)
-    return self.stderr.read()[-2000:]
-
-  def ask(self, timeout=PEER_TIMEOUT_S, **cmd) -> dict[str, Any]:
-    if self.proc.poll() is not None:
-      raise PeerError(f'{self.name} exited ({self.proc.returncode}): {self.stderr_tail()}')
-    self.proc.stdin.write(json.dumps(cmd) + '\n')
-    self.proc.stdin.flush()
-    while True:
-      try:
-        line = self.lines.get(timeout=timeout)
-      except queue.Empty:
-        raise PeerError(f'{self.name}: no answer to {cmd["op"]} within {timeout} s') from None
-      if line is None:
-        raise PeerError(f'{self.name} exited: {self.stderr_tail()}')
-      line = line.strip()
-      if line.startswith('{'):
-        out = json.loads(line)
-        break
-    if not out.get('ok'):
-      raise PeerError(f'{self.name}: {out.get("error")}')
-    return out
-
-  def close(self):
-    try:
-      if self.proc.poll() is None:
-        self.ask(op='quit', timeout=30)
-        self.proc.wait(timeout=30)
-    except Exception:
-      self.proc.kill()
-
-
-class Peers:
-  """The torch server and the foolbox worker, with a status line for each peer."""
-
-  def __init__(self, args, on_gpu: bool):
-    self.torch: Peer | None = None
-    self.foolbox: Peer | None = None
-    self.status: dict[str, dict[str, Any]] = {}
-    if args.skip_peers:
-      for name in ('torch', 'torchattacks', 'foolbox'):
-        self.status[name] = {'status': 'skipped', 'reason': '--skip-peers'}
-      return
-    home = bench_home(args)
-    threads = num_cores()
-    py, st = ensure_torch_env(home, on_gpu)
-    if py is None:
-      self.status['torch'] = dict(st, status='unavailable')
-      self.status['torchattacks'] = {'status': 'unavailable', 'reason': 'no torch environment'}
-    else:
-      env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-      if args.torch_omp_wait_policy != 'default':
-        env['OMP_WAIT_POLICY'] = args.torch_omp_wait_policy.upper()
-      env.pop('PYTHONPATH', None)
-      self.torch = Peer('torch', [py, str(REPO / 'scripts' / 'peer_reference.py'), '--serve',
-                                  '--threads', str(threads), '--device',
-                                  'cuda' if on_gpu else 'cpu'], env=env)
-      try:
-        info = self.torch.ask(op='info', timeout=600)
-        self.status['torch'] = dict(st, status='ok', omp_wait_policy=args.torch_omp_wait_policy,
-                                    **{k: v for k, v in info.items() if k != 'ok'})
-        if 'torchattacks' in info:
-          self.status['torchattacks'] = {'status': 'ok', 'version': info['torchattacks']}
-        else:
-          self.status['torchattacks'] = {
-              'status': 'unavailable',
-              'reason': info.get('torchattacks_error') or st.get('torchattacks_error')}
-      except PeerError as e:
-        self.status['torch'] = dict(st, status='unavailable', reason=str(e))
-        self.status['torchattacks'] = {'status': 'unavailable', 'reason': 'torch failed'}
-        self.torch = None
-    if args.no_foolbox:
-      self.status['foolbox'] = {'status': 'skipped', 'reason': '--no-foolbox'}
-      return
-    site, st = ensure_foolbox_site(home)
-    if site is None:
-      self.status['foolbox'] = dict(st, status='unavailable')
-      return
-    env = dict(os.environ, ADVDEF_BENCH_FOOLBOX_SITE=site)
-    self.foolbox = Peer('foolbox', [sys.executable, str(Path(__file__).resolve()),
-                                    '--foolbox-worker'], env=env)
-    try:
-      info = self.foolbox.ask(op='info', timeout=600)
-      self.status['foolbox'] = dict(st, status='ok', **{k: v for k, v in info.items()
-                                                          if k != 'ok'})
-    except PeerError as e:
-      self.status['foolbox'] = dict(st, status='unavailable', reason=str(e))
-      self.foolbox = None
-
-  def usable(self, name: str) -> bool:
-    return self.status.get(name, {}).get('status') == 'ok'
-
-  def why_not(self, name: str) -> str:
-    st = self.status.get(name, {})
-    return f'{st.get("status", "unavailable")}: {st.get("reason", "")}'.strip(': ')
-
-  def close(self):
-    for p in (self.torch, self.foolbox):
-      if p is not None:
-        p.close()
 
 
 # ------------------------------------------------------------------------------------------
@@ -436,6 +187,18 @@ def timed(fn: Callable[[], Any]) -> float:
   t0 = time.perf_counter()
   jax.block_until_ready(fn())
   return time.perf_counter() - t0
+
+
+def timer(fn: Callable[..., Any], *args) -> Callable[[], float]:
+  """A candidate for `interleaved`: the seconds of one call fn(*args), blocked on."""
+  return lambda: timed(lambda: fn(*args))
+
+
+def warmed(candidates: dict[str, Callable[[], float]]) -> dict[str, Callable[[], float]]:
+  """Runs each candidate once, in order (the untimed warm-up), and returns them."""
+  for candidate in candidates.values():
+    candidate()
+  return candidates
 
 
 def flops_of(compiled) -> float | None:
@@ -462,8 +225,33 @@ def interleaved(candidates: dict[str, Callable[[], float]], repeats: int) -> dic
   return times
 
 
-def peer_candidate(peer: Peer, task_id: str) -> Callable[[], float]:
+def peer_candidate(peer: peers_setup.Peer, task_id: str) -> Callable[[], float]:
   return lambda: peer.ask(op='time', id=task_id)['seconds'][0]
+
+
+def add_peer(peers, rows, candidates, name: str, label: str, task_id: str, /, extra=None,
+             **setup) -> None:
+  """Sets up (and warms up) a peer's task as candidate `label`; if it cannot, its row says why.
+
+  `name` is the peer whose status counts; torch and torchattacks both run in the torch server.
+  """
+  if not peers.usable(name):
+    rows[label] = {'status': peers.why_not(name)}
+    return
+  peer = peers.foolbox if name == 'foolbox' else peers.torch
+  try:
+    out = peer.ask(op='setup', id=task_id, **setup)
+    rows[label] = {'status': 'ok', 'first_call_s': out['first_call_s'], **(extra or {})}
+    candidates[label] = peer_candidate(peer, task_id)
+  except peers_setup.PeerError as e:
+    rows[label] = {'status': f'error: {e}'}
+
+
+def time_candidates(rows, candidates, repeats: int, batch: int) -> None:
+  """Times the candidates (interleaved) into their rows: seconds, median_s, images_per_s."""
+  for k, ts in interleaved(candidates, repeats).items():
+    row = rows.setdefault(k, {'status': 'ok'})
+    row.update(seconds=ts, median_s=median(ts), images_per_s=batch / median(ts))
 
 
 def _key(i):
@@ -514,6 +302,11 @@ def pgd_fn(model, hook=None, **static):
     return attacks.pgd(logits_fn, key, x, y, eps=eps, step_size=step_size, **static)
 
   return jax.jit(run)
+
+
+def random_start(key, x, eps):
+  """PGD's uniform random start in the eps ball, clipped to the [0, 1] box."""
+  return jnp.clip(x + jax.random.uniform(key, x.shape, x.dtype, -eps, eps), 0.0, 1.0)
 
 
 def pgd_step_fn(model):
@@ -584,13 +377,13 @@ def bench_pgd(ctx, name) -> dict[str, Any]:
   fn = pgd_fn(model, steps=steps)
   args = (variables, _key(3), x, y, jnp.float32(eps), jnp.float32(step_size))
   compiled, compile_s = compile_jit(fn, *args)
-  first_run = timed(lambda: compiled(*args))
+  candidates = {'advdef': timer(compiled, *args)}
+  first_run = candidates['advdef']()
   # Diagnostic (not a peer, not a target): the same step jitted alone and looped in Python,
   # which separates the cost of the step from that of running it inside lax.fori_loop.
   eps32, a32 = jnp.float32(eps), jnp.float32(step_size)
   step_c, _ = compile_jit(pgd_step_fn(model), variables, x, x, y, eps32, a32)
-  start = jax.jit(lambda key, x, eps: jnp.clip(
-      x + jax.random.uniform(key, x.shape, x.dtype, -eps, eps), 0.0, 1.0))
+  start = jax.jit(random_start)
 
   def python_loop():
     x_adv = start(_key(4), x, eps32)
@@ -598,38 +391,17 @@ def bench_pgd(ctx, name) -> dict[str, Any]:
       x_adv = step_c(variables, x_adv, x, y, eps32, a32)
     return x_adv
 
-  timed(python_loop)
+  candidates.update(warmed({'diag_step_python_loop': timer(python_loop)}))
   ctx['attack_step_flops'][name] = flops_of(step_c)
-  candidates = {'advdef': lambda: timed(lambda: compiled(*args)),
-                'diag_step_python_loop': lambda: timed(python_loop)}
   rows: dict[str, Any] = {}
   spec = dict(model=name, shape=shape, batch=b, steps=steps, eps=eps, step_size=step_size,
               depth=cfg['resnet_depth'], mean=MNIST_MEAN, std=MNIST_STD)
-  for peer_name, task in (('torch', 'pgd_plain'), ('torchattacks', 'pgd_torchattacks')):
-    label = 'torch_plain' if peer_name == 'torch' else 'torchattacks'
-    if not peers.usable(peer_name):
-      rows[label] = {'status': peers.why_not(peer_name)}
-      continue
-    try:
-      out = peers.torch.ask(op='setup', id=f'{task}/{name}', task=task, **spec)
-      rows[label] = {'status': 'ok', 'first_call_s': out['first_call_s']}
-      candidates[label] = peer_candidate(peers.torch, f'{task}/{name}')
-    except PeerError as e:
-      rows[label] = {'status': f'error: {e}'}
-  if peers.usable('foolbox'):
-    try:
-      out = peers.foolbox.ask(op='setup', id=f'pgd/{name}', **spec)
-      rows['foolbox_jax'] = {'status': 'ok', 'first_call_s': out['first_call_s'],
-                             'version': peers.status['foolbox'].get('foolbox')}
-      candidates['foolbox_jax'] = peer_candidate(peers.foolbox, f'pgd/{name}')
-    except PeerError as e:
-      rows['foolbox_jax'] = {'status': f'error: {e}'}
-  else:
-    rows['foolbox_jax'] = {'status': peers.why_not('foolbox')}
-  times = interleaved(candidates, repeats)
-  for k, ts in times.items():
-    row = rows.setdefault(k, {'status': 'ok'})
-    row.update(seconds=ts, median_s=median(ts), images_per_s=b / median(ts))
+  for peer_name, label, task in (('torch', 'torch_plain', 'pgd_plain'),
+                                 ('torchattacks', 'torchattacks', 'pgd_torchattacks')):
+    add_peer(peers, rows, candidates, peer_name, label, f'{task}/{name}', task=task, **spec)
+  add_peer(peers, rows, candidates, 'foolbox', 'foolbox_jax', f'pgd/{name}',
+           extra={'version': peers.status['foolbox'].get('foolbox')}, **spec)
+  time_candidates(rows, candidates, repeats, b)
   adv = rows['advdef']
   adv.update(compile_s=compile_s, first_call_s=compile_s + first_run,
              compile_first_minus_steady_s=compile_s + first_run - adv['median_s'])
@@ -654,7 +426,6 @@ def bench_pgd(ctx, name) -> dict[str, Any]:
 
 
 def _train_config():
-  import ml_collections
   return ml_collections.ConfigDict(dict(
       learning_rate=0.1, num_epochs=1, schedule='constant', warmup_epochs=0, optimizer='sgd',
       momentum=0.9, nesterov=False, weight_decay=5e-4, decay_factor=0.1, boundaries=()))
@@ -668,7 +439,8 @@ def bench_train(ctx, name) -> dict[str, Any]:
   spe = n // b
   tx = training.create_optimizer(_train_config(), spe)
   state = jax.jit(lambda k: training.create_train_state(k, model, tx, shape))(_key(0))
-  step_fn = training.make_train_step(model, tx, batch_size=b, steps_per_epoch=spe)
+  step_fn = training.make_train_step(
+      model, tx, training.StepConfig(batch_size=b, steps_per_epoch=spe))
   rng = np.random.default_rng(0)
   images = jax.device_put(rng.integers(0, 256, (n, *shape), dtype=np.uint8))
   labels = jax.device_put(rng.integers(0, 10, (n,)).astype(np.int32))
@@ -681,25 +453,13 @@ def bench_train(ctx, name) -> dict[str, Any]:
     holder['state'], metrics = compiled(holder['state'], images, labels, perm, train_key)
     return holder['state'], metrics
 
-  first_run = timed(step)
-  candidates = {'advdef': lambda: timed(step)}
+  candidates = {'advdef': timer(step)}
+  first_run = candidates['advdef']()
   rows: dict[str, Any] = {}
-  if peers.usable('torch'):
-    try:
-      out = peers.torch.ask(op='setup', id=f'train/{name}', task='train', model=name,
-                            shape=shape, batch=b, dataset_size=n, depth=cfg['resnet_depth'],
-                            mean=MNIST_MEAN, std=MNIST_STD, lr=0.1, momentum=0.9,
-                            weight_decay=5e-4)
-      rows['torch'] = {'status': 'ok', 'first_call_s': out['first_call_s']}
-      candidates['torch'] = peer_candidate(peers.torch, f'train/{name}')
-    except PeerError as e:
-      rows['torch'] = {'status': f'error: {e}'}
-  else:
-    rows['torch'] = {'status': peers.why_not('torch')}
-  times = interleaved(candidates, repeats)
-  for k, ts in times.items():
-    row = rows.setdefault(k, {'status': 'ok'})
-    row.update(seconds=ts, median_s=median(ts), images_per_s=b / median(ts))
+  add_peer(peers, rows, candidates, 'torch', 'torch', f'train/{name}', task='train', model=name,
+           shape=shape, batch=b, dataset_size=n, depth=cfg['resnet_depth'], mean=MNIST_MEAN,
+           std=MNIST_STD, lr=0.1, momentum=0.9, weight_decay=5e-4)
+  time_candidates(rows, candidates, repeats, b)
   adv = rows['advdef']
   adv.update(compile_s=compile_s, first_call_s=compile_s + first_run,
              compile_first_minus_steady_s=compile_s + first_run - adv['median_s'],
@@ -749,10 +509,8 @@ def bench_sap(ctx) -> dict[str, Any]:
   args = (variables, _key(11), x, y)
   plain, plain_compile = compile_jit(grad_fn(None), *args)
   sap, sap_compile = compile_jit(grad_fn(retrofit.build_hook('sap(frac=1.0)')), *args)
-  timed(lambda: plain(*args))
-  timed(lambda: sap(*args))
-  times = interleaved({'undefended': lambda: timed(lambda: plain(*args)),
-                       'sap100': lambda: timed(lambda: sap(*args))}, repeats)
+  times = interleaved(warmed({'undefended': timer(plain, *args), 'sap100': timer(sap, *args)}),
+                      repeats)
   model_part = {
       'model': model_label(name, cfg['resnet_depth']), 'batch': b,
       'pass': 'grad of summed cross-entropy w.r.t. the input (eval mode)',
@@ -767,11 +525,8 @@ def bench_sap(ctx) -> dict[str, Any]:
   layer = jax.nn.relu(jax.random.normal(_key(12), (lb, 32, 32, 16), jnp.float32))
   exact = jax.jit(lambda key, h: defenses.sap(key, h, frac=1.0))
   exact_c, _ = compile_jit(exact, _key(13), layer)
-  timed(lambda: exact_c(_key(13), layer))
-  rng = np.random.default_rng(0)
-  timed(lambda: naive_host_sap(layer, rng))
-  lt = interleaved({'advdef_exact': lambda: timed(lambda: exact_c(_key(13), layer)),
-                    'naive_host': lambda: timed(lambda: naive_host_sap(layer, rng))},
+  lt = interleaved(warmed({'advdef_exact': timer(exact_c, _key(13), layer),
+                           'naive_host': timer(naive_host_sap, layer, np.random.default_rng(0))}),
                    max(repeats, 1))
   layer_part = {
       'shape': list(layer.shape), 'units_per_example': 32 * 32 * 16, 'draws_per_example':
@@ -803,7 +558,6 @@ def bench_eot(ctx) -> dict[str, Any]:
   vec_fn = pgd_fn(model, hook, steps=steps, eot_samples=k)
   args = (variables, _key(21), x, y, jnp.float32(eps), jnp.float32(step_size))
   vec, vec_compile = compile_jit(vec_fn, *args)
-  timed(lambda: vec(*args))
 
   # The sequential reference: k jitted gradient passes per step, accumulated, then a jitted
   # sign step and projection (what AutoAttack / torchattacks / foolbox do, here compiled).
@@ -816,13 +570,10 @@ def bench_eot(ctx) -> dict[str, Any]:
     x_adv = x_adv + step_size * jnp.sign(acc)
     return jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
 
-  def start(key, x, eps):
-    return jnp.clip(x + jax.random.uniform(key, x.shape, x.dtype, -eps, eps), 0.0, 1.0)
-
   zeros = jnp.zeros_like(x)
   ga, ga_compile = compile_jit(jax.jit(grad_acc), variables, x, y, _key(0), zeros)
   up, _ = compile_jit(jax.jit(update), x, x, zeros, jnp.float32(eps), jnp.float32(step_size))
-  st, _ = compile_jit(jax.jit(start), _key(0), x, jnp.float32(eps))
+  st, _ = compile_jit(jax.jit(random_start), _key(0), x, jnp.float32(eps))
   keys = list(jax.random.split(_key(22), steps * k))
   eps32, a32 = jnp.float32(eps), jnp.float32(step_size)
 
@@ -834,8 +585,6 @@ def bench_eot(ctx) -> dict[str, Any]:
         acc = ga(variables, x_adv, y, keys[i * k + j], acc)
       x_adv = up(x_adv, x, acc, eps32, a32)
     return x_adv
-
-  timed(loop)
 
   # Diagnostic: the vectorised EOT step (vmap over k keys) jitted alone and looped in Python,
   # i.e. vectorisation without lax.fori_loop (see the PGD section's diagnostic row).
@@ -855,26 +604,13 @@ def bench_eot(ctx) -> dict[str, Any]:
       x_adv = vs(variables, x_adv, x, y, step_keys[i], eps32, a32)
     return x_adv
 
-  timed(vec_loop)
-  candidates = {'advdef_vectorized': lambda: timed(lambda: vec(*args)),
-                'sequential_loop': lambda: timed(loop),
-                'diag_vectorized_step_python_loop': lambda: timed(vec_loop)}
+  candidates = warmed({'advdef_vectorized': timer(vec, *args), 'sequential_loop': timer(loop),
+                       'diag_vectorized_step_python_loop': timer(vec_loop)})
   rows: dict[str, Any] = {}
-  if peers.usable('torchattacks'):
-    try:
-      out = peers.torch.ask(op='setup', id='eot', task='eot_torchattacks', model=name,
-                            shape=shape, batch=b, steps=steps, eps=eps, step_size=step_size,
-                            eot=k, depth=cfg['resnet_depth'], rse=(0.2, 0.1))
-      rows['torchattacks_eotpgd'] = {'status': 'ok', 'first_call_s': out['first_call_s']}
-      candidates['torchattacks_eotpgd'] = peer_candidate(peers.torch, 'eot')
-    except PeerError as e:
-      rows['torchattacks_eotpgd'] = {'status': f'error: {e}'}
-  else:
-    rows['torchattacks_eotpgd'] = {'status': peers.why_not('torchattacks')}
-  times = interleaved(candidates, repeats)
-  for key_, ts in times.items():
-    row = rows.setdefault(key_, {'status': 'ok'})
-    row.update(seconds=ts, median_s=median(ts), images_per_s=b / median(ts))
+  add_peer(peers, rows, candidates, 'torchattacks', 'torchattacks_eotpgd', 'eot',
+           task='eot_torchattacks', model=name, shape=shape, batch=b, steps=steps, eps=eps,
+           step_size=step_size, eot=k, depth=cfg['resnet_depth'], rse=(0.2, 0.1))
+  time_candidates(rows, candidates, repeats, b)
   rows['advdef_vectorized']['compile_s'] = vec_compile
   rows['sequential_loop']['compile_s'] = ga_compile
   adv = rows['advdef_vectorized']['median_s']
@@ -896,56 +632,16 @@ def bench_eot(ctx) -> dict[str, Any]:
 def bench_sweep(ctx) -> dict[str, Any]:
   cfg = ctx['cfg']
   attack = f'pgd(steps={cfg["sweep_steps"]})'
-  kappas = KAPPAS[:cfg['sweep_points']]
-  try:
-    from advdef.evaluators import defense_sweep as sweeps
-    fn = getattr(sweeps, 'benchmark_kappa_sweep', None)
-  except ImportError:
-    fn = None
-  if fn is not None:
-    res = fn(values=kappas, attack=attack, epsilon=0.1, num_examples=cfg['sweep_examples'],
-             batch_size=cfg['sweep_examples'])
-    res = {k: (v.item() if hasattr(v, 'item') else v) for k, v in res.items()}
-    source = 'advdef.sweeps.benchmark_kappa_sweep (small_cnn, 8x8 digits)'
-  else:
-    res = _inline_sweep(cfg, kappas)
-    source = 'inline (advdef.sweeps.benchmark_kappa_sweep absent): lenet_like, random data'
-  return {'source': source, 'defense': 'jump(kappa)', 'kappas': list(kappas), 'attack': attack,
-          'epsilon': 0.1, 'result': res,
+  kappas = sweep_timing.DEFAULT_KAPPAS[:cfg['sweep_points']]
+  res = sweep_timing.benchmark_kappa_sweep(
+      values=kappas, attack=attack, epsilon=0.1, num_examples=cfg['sweep_examples'],
+      batch_size=cfg['sweep_examples'])
+  return {'source': 'scripts/sweep_timing.py benchmark_kappa_sweep (small_cnn, 8x8 digits)',
+          'defense': 'jump(kappa)', 'kappas': list(kappas), 'attack': attack, 'epsilon': 0.1,
+          'result': res,
           'ratios': {'speedup_incl_compile': res.get('ratio'),
                      'speedup_steady_state': ratio(res.get('separate_run_seconds'),
                                                    res.get('in_graph_run_seconds'))}}
-
-
-def _inline_sweep(cfg, kappas) -> dict[str, Any]:
-  name = 'lenet_like'
-  model = make_model(name)
-  shape, n, steps = SHAPES[name], cfg['sweep_examples'], cfg['sweep_steps']
-  variables = make_variables(model, shape)
-  x, y = make_batch(shape, n)
-
-  def point(variables, kappa, key, x, y):
-    hook = retrofit.Retrofit(retrofit.make_transforms([('jump', {'kappa': kappa})]))
-    logits_fn = retrofit.make_logits_fn(model, variables, hook)
-    x_adv = attacks.pgd(logits_fn, key, x, y, eps=0.1, steps=steps)
-    return (jnp.sum(jnp.argmax(logits_fn(x, key), -1) == y),
-            jnp.sum(jnp.argmax(logits_fn(x_adv, key), -1) == y))
-
-  grid = jax.jit(jax.vmap(point, in_axes=(None, 0, None, None, None)))
-  grid_values = jnp.asarray(kappas, jnp.float32)
-  t0 = time.perf_counter()
-  jax.block_until_ready(grid(variables, grid_values, _key(31), x, y))
-  in_graph = time.perf_counter() - t0
-  in_graph_run = timed(lambda: grid(variables, grid_values, _key(31), x, y))
-  t0 = time.perf_counter()
-  fns = [jax.jit(functools.partial(point, kappa=float(k))) for k in kappas]
-  jax.block_until_ready([f(variables, key=_key(31), x=x, y=y) for f in fns])
-  separate = time.perf_counter() - t0
-  separate_run = timed(lambda: [f(variables, key=_key(31), x=x, y=y) for f in fns])
-  return {'in_graph_seconds': in_graph, 'separate_seconds': separate,
-          'ratio': separate / in_graph, 'num_points': len(kappas),
-          'in_graph_run_seconds': in_graph_run, 'separate_run_seconds': separate_run,
-          'num_examples': n}
 
 
 # ------------------------------------------------------------------------------------------
@@ -958,8 +654,8 @@ def bench_flops(ctx) -> dict[str, Any]:
   a = jax.random.normal(_key(41), (n, n), jnp.float32)
   bm = jax.random.normal(_key(42), (n, n), jnp.float32)
   mm, _ = compile_jit(jax.jit(jnp.matmul), a, bm)
-  timed(lambda: mm(a, bm))
-  mm_times = [timed(lambda: mm(a, bm)) for _ in range(max(5, ctx['repeats'] + 2))]
+  matmul = warmed({'matmul': timer(mm, a, bm)})['matmul']
+  mm_times = [matmul() for _ in range(max(5, ctx['repeats'] + 2))]
   peak = 2 * n**3 / min(mm_times)
   out: dict[str, Any] = {'matmul': {'n': n, 'seconds': mm_times, 'peak_flops_per_s': peak,
                                     'median_flops_per_s': 2 * n**3 / median(mm_times),
@@ -1261,19 +957,10 @@ def main(argv=None):
   mode.add_argument('--quick', action='store_true', help='small sizes, same comparisons')
   mode.add_argument('--tiny', action='store_true', help='smoke-test sizes (tests)')
   parser.add_argument('--skip-peers', action='store_true', help='no PyTorch / foolbox rows')
-  parser.add_argument('--no-foolbox', action='store_true', help='skip the foolbox rows only')
+  peers_setup.add_arguments(parser)  # --no-foolbox, --bench-home, --torch-omp-wait-policy.
   parser.add_argument('--out', default=None,
                       help='JSON path (default /tmp/advdef_bench_<mode>.json)')
   parser.add_argument('--repeats', type=int, default=None, help='override the mode\'s repeats')
-  parser.add_argument('--bench-home', default=None,
-                      help='where peer environments live ($ADVDEF_BENCH_HOME, '
-                           '~/.cache/advdef-bench)')
-  parser.add_argument('--torch-omp-wait-policy', default='passive',
-                      choices=('passive', 'active', 'default'),
-                      help='OMP_WAIT_POLICY of the PyTorch process. PASSIVE (default): its '
-                           'OpenMP threads sleep instead of spinning at barriers; with the '
-                           'spinning default PyTorch runs 10-100x slower on a machine shared '
-                           'with other processes (measured). Use active on a dedicated one.')
   parser.add_argument('--only', default=None,
                       help='comma-separated sections to run (pgd,train,sap,eot,sweep,flops)')
   parser.add_argument('--foolbox-worker', action='store_true', help=argparse.SUPPRESS)
@@ -1293,7 +980,7 @@ def main(argv=None):
   log(f'mode {mode_name}; {machine["cpu_model"]}, {machine["cores_available"]} cores, '
       f'{machine["backend"]}; load {machine["load_average_start"]}')
   t0 = time.time()
-  peers = Peers(args, on_gpu)
+  peers = peers_setup.Peers(args, on_gpu)
   peer_setup_s = time.time() - t0
   log(f'peers: { {k: v.get("status") for k, v in peers.status.items()} } ({peer_setup_s:.0f} s)')
   only = set(args.only.split(',')) if args.only else None

@@ -1,7 +1,9 @@
 """scripts/benchmark.py at its smoke-test size: every section present, with numeric ratios.
 
 CI does not run the benchmark itself; this runs `--tiny --skip-peers` (ResNet-2, batch 2, one
-repeat, no PyTorch / foolbox install) in a subprocess and checks the JSON's structure.
+repeat, no PyTorch / foolbox install) in a subprocess and checks the JSON's structure. Parts of
+the benchmark (the host SAP reference, the sweep timing of scripts/sweep_timing.py) are tested
+directly.
 """
 
 import json
@@ -11,11 +13,17 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'scripts' / 'benchmark.py'
+sys.path.insert(0, str(REPO / 'scripts'))  # scripts/ is not a package.
+
+import benchmark  # noqa: E402
+import sweep_timing  # noqa: E402
 
 SECTIONS = ('pgd/resnet20', 'pgd/lenet_like', 'train/resnet20', 'train/lenet_like', 'sap',
             'eot', 'sweep', 'compile', 'flops')
@@ -103,10 +111,6 @@ def _check_targets_and_table(report):
 
 
 def test_naive_host_sap_keeps_drawn_units_rescaled():
-  sys.path.insert(0, str(REPO / 'scripts'))
-  import benchmark
-  import jax
-  import jax.numpy as jnp
   x = jax.nn.relu(jax.random.normal(jax.random.key(0), (3, 4, 4, 2)))
   out = np.asarray(benchmark.naive_host_sap(x, np.random.default_rng(0)))
   xs = np.asarray(x)
@@ -119,3 +123,11 @@ def test_naive_host_sap_keeps_drawn_units_rescaled():
   rng = np.random.default_rng(1)
   mean = np.mean([np.asarray(benchmark.naive_host_sap(x, rng)) for _ in range(400)], axis=0)
   np.testing.assert_allclose(mean, xs, atol=0.25 * float(jnp.max(x)))
+
+
+def test_benchmark_kappa_sweep_returns_the_documented_fields():
+  res = sweep_timing.benchmark_kappa_sweep(values=(0.0, 0.5), attack='pgd(steps=1)',
+                                           num_examples=8, batch_size=8)
+  assert {'in_graph_seconds', 'separate_seconds', 'ratio', 'num_points'} <= set(res)
+  assert res['num_points'] == 2 and res['counts_equal']
+  assert res['ratio'] == pytest.approx(res['separate_seconds'] / res['in_graph_seconds'])

@@ -8,19 +8,10 @@ import pathlib
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from advdef import config_utils
-from advdef import data as data_lib
-from advdef import evaluation
-from advdef import experiment
-from advdef import models
-from advdef import retrofit
-from advdef import sweep as sweep_cli
-from advdef import sweeps
+from advdef import sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -64,7 +55,7 @@ def test_cli_shard_then_gather_then_rerun_skips(tmp_path, capsys):
 
   # Shard 0 of 2 in-process: the last point; the sweep is complete and gathered.
   config, spec = _smoke_sweep_config()
-  res = sweep_cli.run_sweep(config, spec, str(tmp_path), shard=(0, 2))
+  res = sweep.run_sweep(config, spec, str(tmp_path), shard=(0, 2))
   assert res.ran == ['seed=0'] and not res.skipped and not res.failed
   for name in ('sweep.json', 'sweep.md', 'sweep.png'):
     assert (tmp_path / name).exists(), name
@@ -81,15 +72,15 @@ def test_cli_shard_then_gather_then_rerun_skips(tmp_path, capsys):
   # Rerun everything: both points are finished and skipped, their reports untouched.
   mtimes = {p: (tmp_path / p / 'report.json').stat().st_mtime_ns for p in ('seed=0', 'seed=1')}
   capsys.readouterr()
-  res = sweep_cli.run_sweep(config, spec, str(tmp_path))
+  res = sweep.run_sweep(config, spec, str(tmp_path))
   assert res.ran == [] and res.skipped == ['seed=0', 'seed=1']
   assert 'skip seed=0 (finished' in capsys.readouterr().err
   assert mtimes == {p: (tmp_path / p / 'report.json').stat().st_mtime_ns for p in mtimes}
 
   # A finished point made with another config is refused, not silently reused.
   config.train.num_epochs = 1
-  with pytest.raises(sweep_cli.SweepError, match=r'different config \(train\.num_epochs: 2 -> 1'):
-    sweep_cli.run_sweep(config, spec, str(tmp_path))
+  with pytest.raises(sweep.SweepError, match=r'different config \(train\.num_epochs: 2 -> 1'):
+    sweep.run_sweep(config, spec, str(tmp_path))
 
 
 def test_cli_bad_shard_and_bad_grid_fail_before_compute(tmp_path):
@@ -104,8 +95,8 @@ def test_cli_bad_shard_and_bad_grid_fail_before_compute(tmp_path):
 
 @pytest.mark.parametrize('shard', ['0/0', '1/1', '-1/2', '1', 'a/b'])
 def test_bad_shard(shard):
-  with pytest.raises(sweep_cli.SweepError, match='--shard'):
-    sweep_cli.parse_shard(shard)
+  with pytest.raises(sweep.SweepError, match='--shard'):
+    sweep.parse_shard(shard)
 
 
 @pytest.mark.parametrize('spec,match', [
@@ -129,14 +120,14 @@ def test_bad_grid_is_an_error_naming_it_before_compute(tmp_path, spec, match):
   _, config = _quickstart('smoke,clean')
   if spec.startswith('eval.sweep'):
     config.eval.sweep.update(defense='jump', param='kappa')
-  with pytest.raises(sweep_cli.SweepError, match=match):
-    sweep_cli.run_sweep(config, spec, str(tmp_path / 'sweep'))
+  with pytest.raises(sweep.SweepError, match=match):
+    sweep.run_sweep(config, spec, str(tmp_path / 'sweep'))
   assert not (tmp_path / 'sweep').exists()
 
 
 def test_points_product_zip_and_names():
   _, config = _quickstart('smoke,clean')
-  points = sweep_cli.make_points(
+  points = sweep.make_points(
       config, 'product(zip(train.learning_rate=(0.05, 0.1), train.num_epochs=(1, 2)), '
       'seed=(0, 1, 2))')
   assert [p.name for p in points[:4]] == [
@@ -146,12 +137,12 @@ def test_points_product_zip_and_names():
   assert points[3].config.train.learning_rate == 0.1 and points[3].config.train.num_epochs == 2
   assert config.train.learning_rate == 0.05 and config.seed == 0  # The base is untouched.
   # Ambiguous last components keep the whole field; tuples are compact.
-  p, = sweep_cli.make_points(config, "zip(train.batch_size=(32,), eval.batch_size=(32,), "
-                                     "eval.defenses=(('none', 'jump(kappa=0.5)'),))")
+  p, = sweep.make_points(config, "zip(train.batch_size=(32,), eval.batch_size=(32,), "
+                                 "eval.defenses=(('none', 'jump(kappa=0.5)'),))")
   assert p.name == 'train.batch_size=32,eval.batch_size=32,defenses=(none,jump(kappa=0.5))'
   assert p.config.eval.defenses == ('none', 'jump(kappa=0.5)')
   # Explicit points from get_sweep.
-  points = sweep_cli.make_points(config, [{'seed': 3}, {'seed': 4, 'train.num_epochs': 1}])
+  points = sweep.make_points(config, [{'seed': 3}, {'seed': 4, 'train.num_epochs': 1}])
   assert [p.name for p in points] == ['seed=3', 'seed=4,num_epochs=1']
 
 
@@ -170,12 +161,12 @@ def test_failed_point_is_recorded_and_gather_lists_missing(tmp_path):
     pathlib.Path(workdir, 'report.json').write_text(json.dumps(report))
 
   spec = 'train.learning_rate=(0.05, 5.0, 0.1)'
-  res = sweep_cli.run_sweep(config, spec, str(tmp_path), shard=(0, 2), run_fn=fake_run)
+  res = sweep.run_sweep(config, spec, str(tmp_path), shard=(0, 2), run_fn=fake_run)
   assert res.ran == ['learning_rate=0.05', 'learning_rate=0.1'] and res.failed == []
   assert not res.gathered
-  res = sweep_cli.run_sweep(config, spec, str(tmp_path), shard=(1, 2), run_fn=fake_run)
+  res = sweep.run_sweep(config, spec, str(tmp_path), shard=(1, 2), run_fn=fake_run)
   assert res.failed == ['learning_rate=5.0'] and not res.gathered
-  res = sweep_cli.run_sweep(config, spec, str(tmp_path), gather=True)
+  res = sweep.run_sweep(config, spec, str(tmp_path), gather=True)
   assert res.ran == [] and len(res.gathered) == 3
   points = json.loads((tmp_path / 'sweep.json').read_text())['points']
   assert [p['status'] for p in points] == ['done', 'failed', 'done']
