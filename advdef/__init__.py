@@ -3,7 +3,7 @@
 Importing the package has no side effects: it does not touch jax.config or devices.
 """
 
-__version__ = "0.1.0"
+from advdef.version import __version__
 
 
 def load_run(workdir):

@@ -1,4 +1,4 @@
-"""Config helpers: argument strings, component specs and validation before any compute.
+"""Config helpers: every field's default (`base_config`), argument strings, component specs.
 
 Configs hold only primitives (big_vision style). Components that take hyperparameters are
 written as spec strings, `name` or `name(key=value, ...)`, stacked with `+`:
@@ -12,11 +12,12 @@ Values are Python literals; a bare word is a string (`loss=ce`).
 from __future__ import annotations
 
 import ast
-import math
 import re
 from typing import Any
 
 import ml_collections
+
+from advdef import validate
 
 _SPEC_RE = re.compile(r'^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$', re.S)
 
@@ -116,26 +117,6 @@ def spec_name(spec: str) -> str:
   return re.sub(r'\s+', '', spec)
 
 
-def check_choice(field: str, value, choices) -> None:
-  if value not in choices:
-    raise ValueError(f'{field}={value!r} is not valid; valid choices: {", ".join(map(str, choices))}')
-
-
-def check_positive(field: str, value, *, allow_zero=False, integer=False) -> None:
-  ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-  if isinstance(value, bool) or not ok_type:
-    kind = 'an integer' if integer else 'a number'
-    raise ValueError(f'{field}={value!r} must be {kind}')
-  if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-    bound = '>= 0' if allow_zero else '> 0'
-    raise ValueError(f'{field}={value!r} must be finite and {bound}')
-
-
-def check_probability(field: str, value) -> None:
-  if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-    raise ValueError(f'{field}={value!r} must be in [0, 1]')
-
-
 def to_dict(config) -> dict:
   """ConfigDict -> plain nested dict of primitives (tuples become lists)."""
   if isinstance(config, ml_collections.ConfigDict):
@@ -169,11 +150,13 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint='',            # a trained run's workdir: skip training and evaluate it
       checkpoint_every_epochs=1, keep_checkpoints=3, log_every_steps=50, eval_every_epochs=1)
   c.eval = dict(
+      # What runs after training, in order (advdef.evaluators); each skips itself when off.
+      evaluators=('clean', 'attack_suite', 'defense_sweep', 'model_summary'),
       batch_size=256,
       num_examples=0,           # 0 = the whole test split
       defenses=('none',),
       num_draws=100,            # Monte-Carlo draws for stochastic defenses (SAP used 100)
-      attacks=(),               # attack specs, see advdef.robustness
+      attacks=(),               # attack specs, see advdef.evaluators.attack_suite
       norm='linf',
       epsilons=(),
       adaptive=True,            # EOT for stochastic defenses, BPDA/transfer for JumpReLU
@@ -181,7 +164,8 @@ def base_config() -> ml_collections.ConfigDict:
       single_draw_baseline=False,  # also attack stochastic defenses with 1 draw per step
       num_attack_examples=0,    # 0 = same as num_examples
       checks=True,
-      # In-graph sweep of one defense hyperparameter (advdef.sweeps); defense='' = off.
+      # In-graph sweep of one defense hyperparameter (advdef.evaluators.defense_sweep);
+      # defense='' = off.
       # values: the grid; fixed: the other hyperparameters, e.g. 'surrogate=relu'.
       sweep=dict(defense='', param='', values=(), fixed='', attack='pgd(steps=10)',
                  epsilon=0.1),
@@ -200,7 +184,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def cifar10_data(c: ml_collections.ConfigDict, source: str) -> None:
   """Points c.data at CIFAR-10: TFDS, or the partial npz beside the repo on dev machines."""
-  check_choice('source', source, ('tfds', 'npz'))
+  validate.check_choice('source', source, ('tfds', 'npz'))
   if source == 'npz':
     c.data.update(source='npz', name='cifar10_partial', path='../shared/data/cifar10_partial.npz')
   else:

@@ -87,6 +87,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from advdef import validate
+
 __all__ = [
     'sap', 'sap_bernoulli', 'jump_relu', 'gaussian_noise', 'mc_probabilities', 'mc_predict',
     'per_draw_accuracy_interval', 'check_positive', 'check_nonnegative', 'SAP_GRADIENTS',
@@ -106,46 +108,21 @@ _P_MAX = 1.0 - 2.0**-24   # Largest p below 1: keeps d/dp log1p(-p) finite.
 # Hyperparameter checks.
 
 
-def _is_concrete(value) -> bool:
-  return not isinstance(value, jax.core.Tracer)
-
-
-def _check(name: str, value, *, allow_zero: bool):
-  if value is None:
-    raise ValueError(f'{name} is required, got None')
-  if not _is_concrete(value):
-    return  # Traced (e.g. vmapped over a grid): the caller owns the check.
-  try:
-    arr = np.asarray(value, dtype=np.float64)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f'{name} must be a number, got {value!r}') from e
-  if np.isnan(arr).any():
-    raise ValueError(f'{name} must not be NaN, got {value!r}')
-  bad = (arr < 0) if allow_zero else (arr <= 0)
-  if bad.any():
-    bound = '>= 0' if allow_zero else '> 0'
-    raise ValueError(f'{name} must be {bound}, got {value!r}')
-
-
 def check_positive(name: str, value) -> None:
   """Raises ValueError naming `name` unless every entry of a concrete `value` is > 0 (not NaN).
 
   Tracers (values under `jit`/`vmap`) are not checked, so traced hyperparameter grids work.
   """
-  _check(name, value, allow_zero=False)
+  validate.check_hyperparameter(name, value, strict=True)
 
 
 def check_nonnegative(name: str, value) -> None:
-  """Raises ValueError naming `name` unless every entry of a concrete `value` is >= 0 (not NaN).
-
-  Tracers (values under `jit`/`vmap`) are not checked.
-  """
-  _check(name, value, allow_zero=True)
+  """Like check_positive, for >= 0."""
+  validate.check_hyperparameter(name, value, strict=False)
 
 
 def _check_choice(name: str, value, choices):
-  if value not in choices:
-    raise ValueError(f'{name} must be one of {choices}, got {value!r}')
+  validate.check_choice(name, value, choices)
 
 
 # ------------------------------------------------------------------------------------------
@@ -356,12 +333,12 @@ def sap(key: jax.Array, x: jax.Array, *, frac=1.0, gradient: str = 'constant',
   if n >= _MAX_UNITS:
     raise ValueError(f'sap supports fewer than 2^24 units per example, got {n}')
   if max_frac is None:
-    max_frac = float(frac) if _is_concrete(frac) and np.ndim(frac) == 0 else 1.0
+    max_frac = float(frac) if not validate.is_traced(frac) and np.ndim(frac) == 0 else 1.0
   else:
-    if not _is_concrete(max_frac):
+    if validate.is_traced(max_frac):
       raise ValueError('max_frac must be a static Python number (it fixes a shape), got a tracer')
     check_positive('max_frac', max_frac)
-    if _is_concrete(frac) and np.any(np.asarray(frac) > max_frac):
+    if not validate.is_traced(frac) and np.any(np.asarray(frac) > max_frac):
       raise ValueError(f'frac={frac!r} exceeds max_frac={max_frac!r}')
   max_draws = int(np.floor(np.float32(max_frac) * np.float32(n)))
   a, p = _flat_probs(x)

@@ -1,5 +1,6 @@
-"""Evaluation: exact clean metrics with calibration, Monte-Carlo inference for stochastic
-defenses, and (advdef.robustness) attack rows; results become report rows.
+"""Scoring predictions: exact accuracy with calibration (ECE, NLL, Brier), Monte-Carlo
+prediction for stochastic defenses, intervals. The evaluators (advdef.evaluators) build
+their report rows with these.
 
 Counts are exact: the last partial batch is padded and masked, never dropped. A stochastic
 defense is scored on fresh draws: the accuracy of the prediction averaged over
@@ -7,25 +8,23 @@ defense is scored on fresh draws: the accuracy of the prediction averaged over
 Batches are split over the devices of the `config.parallel` mesh (advdef.parallel), the
 model's variables replicated; the numbers do not depend on the device count.
 
-  rows = evaluate_clean_rows(config, model, variables, images, labels, key)
+  predict = make_predict_fn(logits_fn, stochastic=True, num_draws=100)
+  row = score_predictions(predict, images_u8, labels, batch_size, key, stochastic=True)
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advdef import config_utils
 from advdef import data as data_lib
 from advdef import defenses
 from advdef import parallel
-from advdef import retrofit
 
 NUM_ECE_BINS = 15
 
@@ -91,22 +90,25 @@ def per_draw_summary(correct_per_draw: np.ndarray) -> dict[str, Any]:
           'num_draws': stats['num_draws']}
 
 
-def make_predict_fn(logits_fn: Callable, *, stochastic: bool, num_draws: int,
-                    chunk_size: int | None = None) -> Callable:
-  """predict(x, key) -> (mean_probs [B, K], per_draw_probs [D, B, K]), jitted.
+def predict_probs(logits_fn: Callable, x, key, *, stochastic: bool, num_draws: int,
+                  chunk_size: int | None = None):
+  """A defense's decision rule: (mean_probs [B, K], per_draw_probs [D, B, K]). Traceable.
 
   Deterministic models use one pass (D = 1); stochastic ones average num_draws softmaxes,
-  vectorized over keys inside one jit.
+  vectorized over keys.
   """
   if not stochastic:
-    def predict(x, key):
-      probs = jax.nn.softmax(logits_fn(x, key))
-      return probs, probs[None]
-  else:
-    def predict(x, key):
-      return defenses.mc_probabilities(logits_fn, key, x, num_draws=num_draws,
-                                       chunk_size=chunk_size)
-  return jax.jit(predict)
+    probs = jax.nn.softmax(logits_fn(x, key))
+    return probs, probs[None]
+  return defenses.mc_probabilities(logits_fn, key, x, num_draws=num_draws,
+                                   chunk_size=chunk_size)
+
+
+def make_predict_fn(logits_fn: Callable, *, stochastic: bool, num_draws: int,
+                    chunk_size: int | None = None) -> Callable:
+  """predict(x, key) -> predict_probs(...), jitted once."""
+  return jax.jit(lambda x, key: predict_probs(logits_fn, x, key, stochastic=stochastic,
+                                               num_draws=num_draws, chunk_size=chunk_size))
 
 
 def score_predictions(predict, images, labels, batch_size, key, *, stochastic,
@@ -142,28 +144,3 @@ def score_predictions(predict, images, labels, batch_size, key, *, stochastic,
   if return_correct:
     row['_correct'] = np.concatenate(correct_all)
   return row
-
-
-def evaluate_clean_rows(config, model, variables, images, labels, key, *,
-                        mesh=None) -> list[dict[str, Any]]:
-  """One clean row per defense in config.eval.defenses (with calibration).
-
-  Data parallel over `mesh` (default: the `config.parallel` mesh).
-  """
-  if mesh is None:
-    mesh = parallel.mesh_from_config(config)
-  parallel.check_divisible(config.eval.batch_size, mesh, 'eval.batch_size')
-  variables = parallel.replicate(variables, mesh)
-  rows = []
-  for d_index, spec in enumerate(config.eval.defenses):
-    t0 = time.time()
-    hook = retrofit.build_hook(spec, field=f'eval.defenses[{d_index}]')
-    stochastic = hook is not None and hook.stochastic
-    logits_fn = retrofit.make_logits_fn(model, variables, hook)
-    predict = make_predict_fn(logits_fn, stochastic=stochastic, num_draws=config.eval.num_draws)
-    row = score_predictions(predict, images, labels, config.eval.batch_size,
-                            jax.random.fold_in(key, d_index), stochastic=stochastic, mesh=mesh)
-    row.update(defense=config_utils.spec_name(spec), attack='none', norm=None, epsilon=None,
-               stochastic=stochastic, seconds=time.time() - t0)
-    rows.append(row)
-  return rows

@@ -34,8 +34,10 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # orbax logs dozens of INFO lines per checkpoint; keep the console for progress and errors.
   logging.set_verbosity(logging.WARNING)
-  import jax  # Imported here so flag errors do not pay for JAX start-up.
-  from advdef import parallel
+  # The one start-up deferral: flag and config-file errors (and --help) print before JAX
+  # and the library load, which takes seconds.
+  import jax
+  from advdef import experiment, parallel, training
   config = _CONFIG.value
   try:
     # Before anything touches a JAX backend.
@@ -43,9 +45,7 @@ def main(argv):
   except ValueError as e:
     print(f'advdef: error: {e}', file=sys.stderr)
     sys.exit(2)
-  from advdef import experiment
   logging.info('advdef on %s devices: %s', jax.device_count(), jax.devices())
-  from advdef import training
   try:
     prepared = experiment.prepare(config, _WORKDIR.value)
     parallel.validate_config(config)  # Device count, and the batch sizes it must divide.

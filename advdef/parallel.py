@@ -52,17 +52,14 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from advdef import config_utils
+
 DATA_AXIS = 'data'
 
 # Fields of config.parallel and the values used when the section (or a field) is absent,
-# e.g. in the config.json of a run from before data parallelism.
-DEFAULTS = {
-    'num_devices': 0,
-    'distributed': False,
-    'coordinator_address': '',
-    'num_processes': 0,
-    'process_id': -1,
-}
+# e.g. in the config.json of a run from before data parallelism: base_config's, the one home
+# of defaults.
+DEFAULTS = config_utils.base_config().parallel.to_dict()
 
 
 def _section(config) -> dict[str, Any]:
@@ -216,15 +213,33 @@ def validate_config(config) -> jax.sharding.Mesh:
   return mesh
 
 
-def _put(tree, sharding):
-  # jax.device_put places host values and re-shards device arrays; with several processes
-  # every process must pass the same global value, of which each keeps its devices' part.
-  return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
+def grid_mesh(num_points: int, devices=None) -> jax.sharding.Mesh | None:
+  """A 1-D mesh named 'grid' for a hyperparameter grid of num_points (advdef's in-graph
+  sweeps): over `devices` (default all) when there are several and they divide the grid."""
+  devices = list(jax.devices() if devices is None else devices)
+  if len(devices) > 1 and num_points % len(devices) == 0:
+    return jax.sharding.Mesh(np.asarray(devices), ('grid',))
+  return None
+
+
+def put(tree, sharding):
+  """Places every leaf on a (possibly multi-process) sharding.
+
+  Host values, identical on every process, go through make_array_from_callback, which needs
+  no communication; device arrays (e.g. replicated over another mesh) are moved with
+  device_put.
+  """
+  def put_leaf(a):
+    if isinstance(a, jax.Array):
+      return jax.device_put(a, sharding)
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+  return jax.tree_util.tree_map(put_leaf, tree)
 
 
 def replicate(tree, mesh: jax.sharding.Mesh):
   """Places every leaf (numpy or jax arrays, PRNG keys) fully on every device of the mesh."""
-  return _put(tree, replicated(mesh))
+  return put(tree, replicated(mesh))
 
 
 def shard_batch(tree, mesh: jax.sharding.Mesh):
@@ -295,6 +310,6 @@ def describe(mesh: jax.sharding.Mesh) -> str:
 
 
 __all__ = ['DATA_AXIS', 'check_divisible', 'constrain_batch', 'create_mesh', 'data_sharding',
-           'describe', 'global_batch', 'initialize_distributed', 'mesh_from_config',
-           'process_rows', 'replicate', 'replicated', 'shard_batch', 'to_numpy',
-           'validate_config']
+           'describe', 'global_batch', 'grid_mesh', 'initialize_distributed',
+           'mesh_from_config', 'process_rows', 'put', 'replicate', 'replicated', 'shard_batch',
+           'to_numpy', 'validate_config']

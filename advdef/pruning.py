@@ -274,3 +274,13 @@ def vulnerability(features_clean: Sequence[jax.Array], features_adv: Sequence[ja
     raise ValueError('vulnerability needs at least one latent feature')
   terms = [jnp.mean(jnp.abs(a - b)) for a, b in zip(features_clean, features_adv)]
   return sum(terms) / len(terms)
+
+
+def vulnerability_per_example(features_clean: Sequence[jax.Array],
+                              features_adv: Sequence[jax.Array]) -> jax.Array:
+  """float32[B]: each example's V; their mean over a batch is `vulnerability`."""
+  if not features_clean:
+    raise ValueError('vulnerability needs at least one latent feature')
+  terms = [jnp.mean(jnp.abs(a - b).reshape(a.shape[0], -1), axis=1)
+           for a, b in zip(features_clean, features_adv)]
+  return sum(terms) / len(terms)

@@ -50,6 +50,7 @@ import optax
 from advdef import attacks
 from advdef import config_utils
 from advdef import pruning
+from advdef import validate
 
 RECIPES = ('standard', 'pgd_at', 'fgsm_mix', 'trades', 'anp', 'bp')
 FIELD = 'train.recipe'
@@ -117,8 +118,8 @@ def parse_recipe(spec: str, field: str = FIELD) -> Recipe:
     raise ValueError(f'{field}={spec!r}: {name} needs {", ".join(missing)}')
 
   def positive(key, allow_zero=False, integer=False):
-    config_utils.check_positive(f'{field}: {name}.{key}', h[key], allow_zero=allow_zero,
-                                integer=integer)
+    validate.check_positive(f'{field}: {name}.{key}', h[key], allow_zero=allow_zero,
+                            integer=integer)
 
   if 'eps' in h:
     positive('eps')
@@ -142,8 +143,8 @@ def parse_recipe(spec: str, field: str = FIELD) -> Recipe:
       raise ValueError(f'{field}: pgd_at.random_start={h["random_start"]!r} must be True/False')
   if name == 'fgsm_mix':
     positive('fraction')
-    config_utils.check_probability(f'{field}: fgsm_mix.fraction', h['fraction'])
-    config_utils.check_choice(f'{field}: fgsm_mix.source', h['source'],
+    validate.check_probability(f'{field}: fgsm_mix.fraction', h['fraction'])
+    validate.check_choice(f'{field}: fgsm_mix.source', h['source'],
                               ('current', 'previous_epoch'))
   if name in ('trades', 'anp', 'bp'):
     positive('beta', allow_zero=True)

@@ -34,6 +34,7 @@ import jax
 from advdef import config_utils
 from advdef import defenses
 from advdef import models
+from advdef import validate
 
 # Where a transform acts. 'activation' replaces the nonlinearity at act sites; 'post_act'
 # runs after it; the rest are site kinds of advdef.models.
@@ -89,16 +90,15 @@ class Retrofit:
 
 def _check(field, value, *, allow_zero):
   """Checks concrete hyperparameters early; traced ones (sweeps) are checked by the caller."""
-  if not isinstance(value, jax.Array):
-    config_utils.check_positive(field, value, allow_zero=allow_zero)
+  validate.check_hyperparameter(field, value, strict=not allow_zero, scalar=True)
 
 
 def _sap(frac=1.0, placement='relu', gradient='constant', sampler='exact', max_frac=None,
          sites='*'):
   _check('sap.frac', frac, allow_zero=False)
-  config_utils.check_choice('sap.placement', placement, ('relu', 'conv'))
-  config_utils.check_choice('sap.gradient', gradient, ('constant', 'through_scale'))
-  config_utils.check_choice('sap.sampler', sampler, ('exact', 'bernoulli'))
+  validate.check_choice('sap.placement', placement, ('relu', 'conv'))
+  validate.check_choice('sap.gradient', gradient, ('constant', 'through_scale'))
+  validate.check_choice('sap.sampler', sampler, ('exact', 'bernoulli'))
   if sampler == 'exact':
     fn = lambda key, x, site: defenses.sap(key, x, frac=frac, gradient=gradient,
                                            max_frac=max_frac)
@@ -112,7 +112,7 @@ def _jump(kappa, surrogate=None, temperature=0.1, sites='*'):
   _check('jump.kappa', kappa, allow_zero=True)
   _check('jump.temperature', temperature, allow_zero=False)
   if surrogate is not None:
-    config_utils.check_choice('jump.surrogate', surrogate, (None, 'relu', 'sigmoid'))
+    validate.check_choice('jump.surrogate', surrogate, (None, 'relu', 'sigmoid'))
   kwargs = dict(kappa=kappa, surrogate=surrogate)
   if surrogate == 'sigmoid':
     kwargs['temperature'] = temperature
@@ -132,7 +132,7 @@ def _rse(sigma_init=0.2, sigma_inner=0.1, sites='*'):
 
 def _noise(sigma, placement='input', sites='*'):
   _check('noise.sigma', sigma, allow_zero=True)
-  config_utils.check_choice('noise.placement', placement, ('input', 'conv_in', 'act'))
+  validate.check_choice('noise.placement', placement, ('input', 'conv_in', 'act'))
   def fn(key, x, site):
     if placement == 'input' and not site.is_model_input:
       return x
@@ -173,14 +173,35 @@ def build_hook(spec: str, *, training: bool = False, field: str = 'defense') -> 
   return hook if hook.transforms else None
 
 
-def is_stochastic(spec: str) -> bool:
-  hook = build_hook(spec)
-  return hook is not None and hook.stochastic
+@dataclasses.dataclass(frozen=True)
+class DefenseSpec:
+  """A defense spec string, parsed and built once (at config validation) and passed on."""
+  text: str                # as written in the config, e.g. 'sap(frac=0.5)'
+  hook: Retrofit | None    # None for 'none'
+
+  @property
+  def label(self) -> str:
+    """The compact name the report shows, e.g. 'sap(frac=0.5)'."""
+    return config_utils.spec_name(self.text)
+
+  @property
+  def stochastic(self) -> bool:
+    return self.hook is not None and self.hook.stochastic
 
 
-def validate_for_model(spec: str, model: nn.Module, input_shape, *, field='defense') -> None:
-  """Checks the spec against a model's sites before compute (bad names, empty matches)."""
-  transforms = make_transforms(config_utils.parse_spec(spec, field=field), field=field)
+def parse_defense(text: str, *, field: str = 'defense') -> DefenseSpec:
+  """Spec string -> DefenseSpec; raises ValueError naming `field` on a bad spec."""
+  return DefenseSpec(text, build_hook(text, field=field))
+
+
+def validate_for_model(defense: DefenseSpec | str, model: nn.Module, input_shape, *,
+                       field='defense') -> None:
+  """Checks a defense (parsed, or a spec string) against a model's sites before compute:
+  every transform must match a site of its kind."""
+  if isinstance(defense, str):
+    defense = parse_defense(defense, field=field)
+  spec = defense.text
+  transforms = defense.hook.transforms if defense.hook is not None else ()
   sites = models.list_sites(model, input_shape)
   for t in transforms:
     kinds = {'activation': 'act', 'post_act': 'act'}.get(t.stage, t.stage)

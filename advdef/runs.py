@@ -66,7 +66,8 @@ def load_run(workdir: str) -> Run:
   splits = data_lib.load_dataset(config.data)
   model = build_model(config, splits.info)
   source = config.train.checkpoint or workdir
-  variables = training.load_trained_variables(source, config, model, splits.info)
+  variables = training.load_variables(
+      source, model, splits.info, expected_fingerprint=training.fingerprint(config, splits.info))
   latest = None
   ckpt_dir = os.path.join(source, 'checkpoints')
   if os.path.isdir(ckpt_dir):

@@ -9,12 +9,13 @@ from `fold_in(stream_key, step)`, so a run resumed from a checkpoint replays exa
 steps an uninterrupted run would have taken.
 
   state = create_train_state(key, model, tx, input_shape)
-  step_fn = make_train_step(model, tx, ..., mesh=mesh)  # jitted once, state donated
+  step_fn = make_train_step(model, tx, StepConfig(...), mesh=mesh)  # jitted once, donated
   state, metrics = step_fn(state, images_u8, labels, perm, train_key)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ from advdef import parallel
 from advdef import pruning
 from advdef import recipes
 from advdef import retrofit
+from advdef import rng
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 SCHEDULES = ('constant', 'piecewise', 'cosine')
@@ -147,32 +149,62 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def make_train_step(model: nn.Module, tx, *, batch_size: int, steps_per_epoch: int,
-                    crop_padding: int = 0, flip: bool = False, label_smoothing: float = 0.0,
-                    train_defense: str = 'none', recipe: str | recipes.Recipe = 'standard',
-                    placement: pruning.Placement | None = None, num_train: int = 0,
-                    total_steps: int = 0, unroll_attacks: bool | None = None,
-                    mesh=None) -> Callable:
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """What the train step needs from config.train, parsed once (`from_config`).
+
+  batch_size, steps_per_epoch: B and the number of steps per epoch.
+  recipe: the loss (advdef.recipes); placement: its pruning masks (anp, bp), else None.
+  train_defense: a defense spec active in training (RSE's noise), 'none' for none.
+  crop_padding, flip: augmentation; label_smoothing: of the cross-entropy.
+  num_train: ANP's N; total_steps: the run's length, for the recipe's eps warm-up.
+  """
+  batch_size: int
+  steps_per_epoch: int
+  recipe: recipes.Recipe = dataclasses.field(
+      default_factory=lambda: recipes.parse_recipe('standard'))
+  placement: pruning.Placement | None = None
+  train_defense: str = 'none'
+  crop_padding: int = 0
+  flip: bool = False
+  label_smoothing: float = 0.0
+  num_train: int = 0
+  total_steps: int = 0
+
+  @classmethod
+  def from_config(cls, config, info, recipe: recipes.Recipe | None = None) -> StepConfig:
+    """From an experiment config and its data set's DatasetInfo (recipe: already parsed)."""
+    tc = config.train
+    recipe = recipe or recipes.parse_recipe(tc.recipe)
+    spe = data_lib.steps_per_epoch(info.num_train, tc.batch_size)  # raises if batch > data
+    return cls(batch_size=tc.batch_size, steps_per_epoch=spe, recipe=recipe,
+               placement=recipe.placement(config.model.name), train_defense=tc.defense,
+               crop_padding=tc.augment.crop_padding, flip=tc.augment.flip,
+               label_smoothing=tc.label_smoothing, num_train=info.num_train,
+               total_steps=tc.num_epochs * spe)
+
+
+def make_train_step(model: nn.Module, tx, step_config: StepConfig, *,
+                    unroll_attacks: bool | None = None, mesh=None) -> Callable:
   """Returns the jitted train step (state donated).
 
   step(state, images_u8 [N,H,W,C], labels [N], perm int32[N], train_key) -> (state, metrics)
   The batch is perm[(step % steps_per_epoch) * B : ...], augmented from fold_in(key, step).
-  `model` is the eval-mode network (with test-time masks when `placement` is given; the
-  recipe's attacks run on it); training runs it with dropout, sampled masks and
-  `train_defense`. `recipe` (advdef.recipes) chooses the loss; num_train is ANP's N;
-  total_steps, the run's length, sets the recipe's eps warm-up.
+  `model` is the eval-mode network (with test-time masks when the recipe places them; the
+  recipe's attacks run on it); training runs it with dropout, sampled masks and the
+  train defense (see StepConfig).
   unroll_attacks: unroll attack loops (default: on CPU, where it is ~3x faster).
   With a mesh (advdef.parallel), the drawn batch is split over its 'data' axis (B must be a
   multiple of the device count) and the new state and metrics come back replicated; pass
   the state and data set replicated (parallel.replicate).
   """
-  if isinstance(recipe, str):
-    recipe = recipes.parse_recipe(recipe)
+  c = step_config
+  recipe, placement, steps_per_epoch = c.recipe, c.placement, c.steps_per_epoch
   if recipe.uses_masks and placement is None:
     raise ValueError(f'train.recipe={recipe.name!r} needs a mask placement')
   if unroll_attacks is None:
     unroll_attacks = jax.default_backend() == 'cpu'
-  defense_hook = retrofit.build_hook(train_defense, training=True, field='train.defense')
+  defense_hook = retrofit.build_hook(c.train_defense, training=True, field='train.defense')
   base = model.clone(hook=None)
   plain_train = base.clone(hook=retrofit.compose(
       pruning.mask_hook(placement, training=True), defense_hook))
@@ -198,14 +230,15 @@ def make_train_step(model: nn.Module, tx, *, batch_size: int, steps_per_epoch: i
 
   ctx = recipes.StepContext(
       forward=forward, eval_logits_fn=eval_logits_fn,
-      cross_entropy=lambda logits, y: cross_entropy(logits, y, label_smoothing),
-      num_train=num_train, unroll=unroll_attacks, total_steps=total_steps)
+      cross_entropy=lambda logits, y: cross_entropy(logits, y, c.label_smoothing),
+      num_train=c.num_train, unroll=unroll_attacks, total_steps=c.total_steps)
 
   def step_fn(state, images, labels, perm, train_key):
     step_key = jax.random.fold_in(train_key, state.step)
     aug_key, recipe_key = jax.random.split(step_key)
     x, y = data_lib.train_batch(images, labels, perm, state.step % steps_per_epoch, aug_key,
-                                batch_size=batch_size, crop_padding=crop_padding, flip=flip)
+                                batch_size=c.batch_size, crop_padding=c.crop_padding,
+                                flip=c.flip)
     if mesh is not None:
       x, y = parallel.constrain_batch((x, y), mesh)
     snapshot = state.snapshot
@@ -272,49 +305,37 @@ def fingerprint(config, info, *, with_masks: bool = True) -> dict[str, Any]:
   return fp
 
 
-def load_init_variables(config, model: nn.Module, info) -> dict[str, Any] | None:
-  """The trained variables named by train.init_from (a workdir of a run of the same model
-  and data without masks), or None when it is empty."""
-  path = config.train.init_from
-  if not path:
-    return None
-  base = model.clone(hook=None)
-  shapes = jax.eval_shape(lambda: create_train_state(jax.random.key(0), base, optax.identity(),
-                                                     info.image_shape))
-  target = {'params': shapes.params}
-  if shapes.batch_stats:
-    target['batch_stats'] = shapes.batch_stats
-  return dict(checkpointing.restore_variables(
-      path, target, expected_fingerprint=fingerprint(config, info, with_masks=False)))
-
-
 def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.Splits, *,
+                       recipe: recipes.Recipe | None = None,
                        writer: metric_writers.MetricWriter | None = None,
                        progress: bool = True) -> tuple[TrainState, dict[str, Any]]:
   """Trains `model` per `config.train`, resuming from `workdir`'s latest checkpoint.
 
+  recipe: config.train.recipe already parsed (parsed here when None).
   Returns the final state (replicated over the `config.parallel` mesh) and a summary dict
   (steps, final train/test metrics, wall time).
   """
   tc = config.train
   info = splits.info
-  spe = data_lib.steps_per_epoch(info.num_train, tc.batch_size)  # raises if batch > data
+  step_config = StepConfig.from_config(config, info, recipe)
+  spe, recipe = step_config.steps_per_epoch, step_config.recipe
   mesh = parallel.mesh_from_config(config)  # Before any compute: bad device counts fail here.
   parallel.check_divisible(tc.batch_size, mesh, 'train.batch_size')
   parallel.check_divisible(config.eval.batch_size, mesh, 'eval.batch_size')
   logging.info('Training on a %s', parallel.describe(mesh))
-  total_steps = tc.num_epochs * spe
+  total_steps = step_config.total_steps
   ckpt = checkpointing.Checkpointer(f'{workdir}/checkpoints', keep=tc.keep_checkpoints,
                                     fingerprint=fingerprint(config, info))
   ckpt.check_compatible()  # Before any compute: a workdir of another run is refused.
-  recipe = recipes.parse_recipe(tc.recipe)
-  placement = recipe.placement(config.model.name)
   schedule = make_schedule(tc, spe)  # for logging the learning rate
   tx = recipes.wrap_optimizer(recipe, create_optimizer(tc, spe), schedule)
-  root = jax.random.key(config.seed)
-  init_key, train_key, data_key = (jax.random.fold_in(root, i) for i in range(3))
+  init_key, train_key, data_key = (rng.run_key(config.seed, stream)
+                                    for stream in ('init', 'train', 'data'))
   start = ckpt.latest_step()
-  init_vars = load_init_variables(config, model, info) if start is None else None
+  init_vars = None
+  if start is None and tc.init_from:  # a trained run without masks to start from (ANP)
+    init_vars = load_variables(tc.init_from, model.clone(hook=None), info,
+                               expected_fingerprint=fingerprint(config, info, with_masks=False))
   # Replicated before the restore: orbax restores into the target's sharding.
   state = parallel.replicate(create_train_state(
       init_key, model, tx, info.image_shape, snapshot=recipe.needs_snapshot,
@@ -331,11 +352,7 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
   labels = parallel.replicate(splits.train_labels.astype(np.int32), mesh)
   test_images = parallel.replicate(splits.test_images, mesh)
   test_labels = parallel.replicate(splits.test_labels.astype(np.int32), mesh)
-  step_fn = make_train_step(model, tx, batch_size=tc.batch_size, steps_per_epoch=spe,
-                            crop_padding=tc.augment.crop_padding, flip=tc.augment.flip,
-                            label_smoothing=tc.label_smoothing, train_defense=tc.defense,
-                            recipe=recipe, placement=placement, num_train=info.num_train,
-                            total_steps=total_steps, mesh=mesh)
+  step_fn = make_train_step(model, tx, step_config, mesh=mesh)
   eval_step = make_eval_step(model)
   permute = jax.jit(data_lib.epoch_permutation, static_argnums=2,
                     out_shardings=parallel.replicated(mesh))
@@ -392,12 +409,16 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
   return state, summary
 
 
-def load_trained_variables(path: str, config, model, info) -> dict[str, Any]:
-  """Loads params (and batch_stats) from another run's checkpoint directory or workdir."""
+def load_variables(path: str, model: nn.Module, info, *,
+                   expected_fingerprint: dict[str, Any]) -> dict[str, Any]:
+  """params (and batch_stats) shaped for `model` from a run's workdir or checkpoint directory.
+
+  Raises when the checkpoint belongs to another model or data set (`fingerprint`).
+  """
   shapes = jax.eval_shape(lambda: create_train_state(jax.random.key(0), model, optax.identity(),
                                                      info.image_shape))
   target = {'params': shapes.params}
   if shapes.batch_stats:
     target['batch_stats'] = shapes.batch_stats
   return dict(checkpointing.restore_variables(path, target,
-                                              expected_fingerprint=fingerprint(config, info)))
+                                              expected_fingerprint=expected_fingerprint))

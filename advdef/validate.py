@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Any
 
-import jax
 import numpy as np
 
 
 def is_traced(value: Any) -> bool:
   """True for a value inside `jit`/`vmap`/`grad` tracing, which has no concrete value."""
-  return isinstance(value, jax.core.Tracer)
+  # A tracer exists only once JAX is imported; not importing it here keeps config files
+  # (which import config_utils, which imports this) quick to load for flag errors.
+  jax = sys.modules.get('jax')
+  return jax is not None and isinstance(value, jax.core.Tracer)
 
 
 def _is_int(value: Any) -> bool:

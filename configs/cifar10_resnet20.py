@@ -25,6 +25,7 @@ cifar10_partial.npz, 4,660/846 real images: CPU-scale trends only); `cpu` (20 ep
 """
 
 from advdef import config_utils
+from advdef import validate
 
 # The JumpReLU code normalises CIFAR inputs by the per-channel std (0.2023, 0.1994, 0.2010),
 # so its eps = 0.031 is 0.031 * 0.2009 (the mean std) = 0.0062279 in [0, 1] pixels.
@@ -44,8 +45,8 @@ STEPS = {'pgd_at': 7, 'trades': 10}
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, arch='preact', recipe='standard', source='tfds', cpu=False,
                                smoke=False, clean=False)
-  config_utils.check_choice('arch', arg.arch, ('preact', 'postact'))
-  config_utils.check_choice('recipe', arg.recipe, tuple(RECIPES))
+  validate.check_choice('arch', arg.arch, ('preact', 'postact'))
+  validate.check_choice('recipe', arg.recipe, tuple(RECIPES))
   c = config_utils.base_config()
   config_utils.cifar10_data(c, arg.source)
   c.train.augment.update(crop_padding=4, flip=True)

@@ -33,6 +33,7 @@ smoke: a few steps on fake data (tests and CI).
 """
 
 from advdef import config_utils
+from advdef import validate
 
 RECIPES = {
     'standard': 'standard',
@@ -50,8 +51,8 @@ NEEDS_BASE = ('bp', 'anp', 'anp_vs')
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, recipe='standard', source='tfds', base='', cpu=False,
                                smoke=False, epochs=0, clean=False)
-  config_utils.check_choice('recipe', arg.recipe, tuple(RECIPES))
-  config_utils.check_choice('source', arg.source, ('tfds', 'npz'))
+  validate.check_choice('recipe', arg.recipe, tuple(RECIPES))
+  validate.check_choice('source', arg.source, ('tfds', 'npz'))
   c = config_utils.base_config()
   if arg.source == 'npz':
     c.data.update(source='npz', name='mnist10k', path='../shared/data/mnist10k.npz',

@@ -21,6 +21,7 @@ steps); `clean` (no attacks in evaluation).
 """
 
 from advdef import config_utils
+from advdef import validate
 
 RECIPES = {
     'standard': 'standard',
@@ -32,9 +33,9 @@ RECIPES = {
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, recipe='standard', source='', cpu=False, smoke=False,
                                clean=False)
-  config_utils.check_choice('recipe', arg.recipe, tuple(RECIPES))
+  validate.check_choice('recipe', arg.recipe, tuple(RECIPES))
   source = arg.source or ('fake' if arg.smoke else 'tfds')
-  config_utils.check_choice('source', source, ('tfds', 'npz', 'fake'))
+  validate.check_choice('source', source, ('tfds', 'npz', 'fake'))
   c = config_utils.base_config()
   if source == 'npz':
     c.data.update(source='npz', name='mnist10k', path='../shared/data/mnist10k.npz',

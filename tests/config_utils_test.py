@@ -3,6 +3,7 @@
 import pytest
 
 from advdef import config_utils
+from advdef import validate
 
 
 def test_parse_spec_stack_literals_and_bare_words():
@@ -31,12 +32,12 @@ def test_parse_arg():
 
 
 def test_checks():
-  config_utils.check_positive('train.batch_size', 3, integer=True)
+  validate.check_positive('train.batch_size', 3, integer=True)
   for value in (0, -1, 2.5, float('nan'), True):
     with pytest.raises(ValueError, match='train.batch_size'):
-      config_utils.check_positive('train.batch_size', value, integer=True)
+      validate.check_positive('train.batch_size', value, integer=True)
   with pytest.raises(ValueError, match="train.optimizer='sdg'.*sgd, adam"):
-    config_utils.check_choice('train.optimizer', 'sdg', ('sgd', 'adam'))
-  config_utils.check_positive('eval.epsilon', 0.0, allow_zero=True)
+    validate.check_choice('train.optimizer', 'sdg', ('sgd', 'adam'))
+  validate.check_positive('eval.epsilon', 0.0, allow_zero=True)
   with pytest.raises(ValueError, match='finite'):
-    config_utils.check_positive('eval.epsilon', float('inf'))
+    validate.check_positive('eval.epsilon', float('inf'))

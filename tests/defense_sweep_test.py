@@ -68,8 +68,8 @@ def test_jump_grid_equals_a_loop_of_separate_runs_and_traces_once(setup):
   clean, robust = evaluator.accuracies(images, labels, key, batch_size=32)
   # Two batches (the second padded), four values: one trace.
   assert evaluator.trace_count == 1
-  loop_clean, loop_robust = defense_sweep.separate_accuracies(model, variables, spec, images, labels,
-                                                       key, batch_size=32)
+  loop_clean, loop_robust = defense_sweep.separate_accuracies(
+      model, variables, spec, images, labels, key, batch_size=32)
   np.testing.assert_array_equal(clean, loop_clean)
   np.testing.assert_array_equal(robust, loop_robust)
   assert np.all(robust <= clean + 1e-9) and len(set(clean.tolist())) > 1
@@ -96,12 +96,13 @@ def test_stochastic_grid_equals_a_loop_of_separate_runs(setup, defense, param, v
       defense=defense, param=param, values=values, fixed=fixed, attack='fgsm', epsilon=0.1))
   assert spec.stochastic and spec.attack_label == 'fgsm+eot2'
   key = jax.random.key(11)
-  evaluator = defense_sweep.SweepEvaluator(model, variables, spec, devices=jax.devices()[:num_devices])
+  evaluator = defense_sweep.SweepEvaluator(model, variables, spec,
+                                           devices=jax.devices()[:num_devices])
   assert (evaluator.mesh is not None) == (num_devices == 2)
   clean, robust = evaluator.accuracies(images, labels, key, batch_size=16)
   assert evaluator.trace_count == 1
-  loop_clean, loop_robust = defense_sweep.separate_accuracies(model, variables, spec, images, labels,
-                                                       key, batch_size=16)
+  loop_clean, loop_robust = defense_sweep.separate_accuracies(
+      model, variables, spec, images, labels, key, batch_size=16)
   # Same keys, same draws: equal up to float reassociation between the batched and the
   # single-value graphs (at most one example of 24 may flip on a near tie).
   np.testing.assert_allclose(clean, loop_clean, atol=1 / 24 + 1e-9)
@@ -178,11 +179,3 @@ def test_quickstart_smoke_sweep_end_to_end(tmp_path):
   assert json.loads((tmp_path / 'report.json').read_text())['sweeps'] == [row]
   assert '## Sweeps' in (tmp_path / 'report.md').read_text()
   assert (tmp_path / 'sweep_jump_kappa.png').stat().st_size > 1000
-
-
-def test_benchmark_kappa_sweep_returns_the_documented_fields():
-  res = defense_sweep.benchmark_kappa_sweep(values=(0.0, 0.5), attack='pgd(steps=1)', num_examples=8,
-                                     batch_size=8)
-  assert {'in_graph_seconds', 'separate_seconds', 'ratio', 'num_points'} <= set(res)
-  assert res['num_points'] == 2 and res['counts_equal']
-  assert res['ratio'] == pytest.approx(res['separate_seconds'] / res['in_graph_seconds'])

@@ -92,7 +92,8 @@ def test_misspelt_field_is_rejected_by_the_locked_config(tmp_path):
 
 
 def _train(config, workdir):
-  splits, model = experiment.prepare(config)
+  prepared = experiment.prepare(config)
+  splits, model = prepared.splits, prepared.model
   writer = metric_writers.MetricWriter(str(workdir), tensorboard=False)
   try:
     state, summary = training.train_and_evaluate(config, str(workdir), model, splits,
@@ -124,7 +125,8 @@ def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path):
 
 def _train_partial(config, workdir, stop_after_epochs):
   """Trains with the full schedule but stops (like a crash) after some epochs."""
-  splits, model = experiment.prepare(config)
+  prepared = experiment.prepare(config)
+  splits, model = prepared.splits, prepared.model
   spe = len(splits.train_labels) // config.train.batch_size
   original = training.make_train_step
 

@@ -25,10 +25,12 @@ from advdef import checkpointing
 from advdef import config_utils
 from advdef import data as data_lib
 from advdef import evaluation
+from advdef import evaluators
 from advdef import models
 from advdef import parallel
 from advdef import retrofit
 from advdef import training
+from advdef.evaluators import clean
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N = 4
@@ -138,8 +140,9 @@ def _train(model, splits, mesh, *, steps, batch_size=64, train_defense='none', *
   perm = data_lib.epoch_permutation(jax.random.key(1), 0, len(labels))
   if mesh is not None:
     state, images, labels, perm = parallel.replicate((state, images, labels, perm), mesh)
-  step = training.make_train_step(model, tx, batch_size=batch_size, steps_per_epoch=spe,
-                                  train_defense=train_defense, mesh=mesh, **augment)
+  step = training.make_train_step(model, tx, training.StepConfig(
+      batch_size=batch_size, steps_per_epoch=spe, train_defense=train_defense, **augment),
+      mesh=mesh)
   history = []
   for _ in range(steps):
     state, metrics = step(state, images, labels, perm, jax.random.key(2))
@@ -244,11 +247,11 @@ def test_clean_rows_match_one_device(mesh, trained):
   config = config_utils.base_config()
   config.eval.update(batch_size=24, num_draws=3,  # 64 = 24 + 24 + 16 padded and masked.
                      defenses=('none', 'sap(frac=1.0)'))
-  key = jax.random.key(4)
-  one = evaluation.evaluate_clean_rows(config, model, variables, images, labels, key,
-                                       mesh=parallel.create_mesh(1))
-  four = evaluation.evaluate_clean_rows(config, model, variables, images, labels, key,
-                                        mesh=mesh)
+  key = jax.random.key(4)  # for score_predictions below; clean rows use the seed's stream
+  one = clean.evaluate(evaluators.make_context(config, model, variables, images, labels,
+                                               mesh=parallel.create_mesh(1)))['rows']
+  four = clean.evaluate(evaluators.make_context(config, model, variables, images, labels,
+                                                mesh=mesh))['rows']
   for a, b in zip(one, four):
     assert a['n'] == b['n'] == 64 and a['defense'] == b['defense']
     assert a['accuracy'] == b['accuracy']
@@ -331,8 +334,9 @@ _WORKER = textwrap.dedent('''
       perm = data_lib.epoch_permutation(jax.random.key(1), 0, len(splits.train_labels))
       state, images, labels, perm = parallel.replicate(
           (state, splits.train_images, splits.train_labels.astype(np.int32), perm), mesh)
-      step = training.make_train_step(model, tx, batch_size=64, steps_per_epoch=22,
-                                      crop_padding=1, mesh=mesh)
+      step = training.make_train_step(
+          model, tx, training.StepConfig(batch_size=64, steps_per_epoch=22, crop_padding=1),
+          mesh=mesh)
       losses = []
       for _ in range(steps):
         state, metrics = step(state, images, labels, perm, jax.random.key(2))

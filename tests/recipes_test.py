@@ -201,8 +201,8 @@ def _run_steps(recipe, n_steps, spe=2, batch=8):
   parsed = recipes.parse_recipe(recipe)
   state = jax.jit(lambda k: training.create_train_state(
       k, model, tx, (8, 8, 1), snapshot=parsed.needs_snapshot))(jax.random.key(0))
-  step_fn = training.make_train_step(model, tx, batch_size=batch, steps_per_epoch=spe,
-                                     recipe=parsed, num_train=batch * spe)
+  step_fn = training.make_train_step(model, tx, training.StepConfig(
+      batch_size=batch, steps_per_epoch=spe, recipe=parsed, num_train=batch * spe))
   images, labels = _tiny_data(batch * spe)
   perm = jnp.arange(batch * spe, dtype=jnp.int32)
   params, snapshots = [_copy(state.params)], [_copy(state.snapshot)]

@@ -4,8 +4,8 @@ A sweep evaluates one defense at every value of a grid of one of its numeric hyp
 (JumpReLU's kappa, SAP's frac, RSE's sigma_init / sigma_inner, the noise baseline's sigma):
 clean accuracy, and robust accuracy under one attack at one epsilon. The defense is built
 inside a function of the traced value, the function is `jax.vmap`ped over the grid axis and
-jitted once, so a 10-point grid costs one compilation instead of ten (see
-`benchmark_kappa_sweep`). With several devices, and a grid whose length they divide, the grid
+jitted once, so a 10-point grid costs one compilation instead of ten (timed by
+scripts/benchmark.py). With several devices, and a grid whose length they divide, the grid
 axis is sharded over a 1-D mesh named 'grid'.
 
 Config (`eval.sweep`, see advdef.config_utils.base_config):
@@ -18,26 +18,24 @@ Config (`eval.sweep`, see advdef.config_utils.base_config):
 `defense=''` disables the sweep. Stochastic defenses (SAP, RSE, noise) are scored with the
 Monte-Carlo prediction over `eval.num_draws` draws and attacked with EOT over
 `eval.eot_samples` draws (gradient attacks; Square keeps one draw per query, as in
-advdef.robustness). The attack differentiates the defense as configured, so
+advdef.evaluators.attack_suite). The attack differentiates the defense as configured, so
 `fixed='surrogate=relu'` makes a JumpReLU sweep a BPDA sweep (the forward pass is the same).
 Every grid point sees the same examples and the same keys (common random numbers), so
 differences along the grid are not sampling noise of the attack or the draws.
 
-Output: `evaluate_sweeps(...)` returns report['sweeps'] rows in advdef.reporting's schema
+Output: `evaluate(ctx)` returns report['sweeps'] rows in advdef.reporting's schema
 (`defense, param, values, clean_accuracy, robust_accuracy, attack, epsilon`), which
 `reporting.write_report` renders as a table in report.md and as
 `sweep_<defense>_<param>.png`.
 
-  spec = sweeps.parse_sweep_config(config.eval)          # None when disabled
-  evaluator = sweeps.SweepEvaluator(model, variables, spec)
+  spec = defense_sweep.parse_sweep_config(config.eval)   # None when disabled
+  evaluator = defense_sweep.SweepEvaluator(model, variables, spec)
   clean, robust = evaluator.accuracies(images_u8, labels, key)   # float[G] each
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -48,9 +46,12 @@ import numpy as np
 from advdef import attacks
 from advdef import config_utils
 from advdef import data as data_lib
-from advdef import defenses
+from advdef import evaluation
+from advdef import parallel
 from advdef import retrofit
-from advdef import runs
+from advdef import validate
+from advdef.evaluators import attack_suite
+from advdef.evaluators import base
 
 # Numeric hyperparameters that can be traced, per defense registry name. Structural ones
 # (placement, sampler, surrogate, sites) change the graph and belong in `fixed`.
@@ -64,7 +65,6 @@ SWEEPABLE: dict[str, tuple[str, ...]] = {
 _STRICTLY_POSITIVE = {('sap', 'frac')}
 # `max_frac` is derived from the grid (it fixes a shape); `eps`, `norm` come from the sweep.
 _RESERVED_FIXED = ('max_frac',)
-_RESERVED_ATTACK = ('eps', 'norm', 'eot_samples', 'return_success')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,11 +100,10 @@ class SweepSpec:
 
   @property
   def uses_eot(self) -> bool:
-    # As advdef.robustness plans it: EOT for gradient attacks; Square keeps one draw per
+    # As the attack suite plans it: EOT for gradient attacks; Square keeps one draw per
     # query and AutoAttack-rand brings its own EOT.
-    from advdef import robustness  # Lazy: robustness imports the evaluation stack.
-    accepts = 'eot_samples' in inspect.signature(attacks.ATTACKS[self.attack_name]).parameters
-    return (self.stochastic and accepts and self.attack_name in robustness.GRADIENT_ATTACKS
+    return (self.stochastic and base.accepts(self.attack_name, 'eot_samples')
+            and self.attack_name in base.GRADIENT_ATTACKS
             and self.attack_name != 'autoattack_rand')
 
   @property
@@ -166,7 +165,7 @@ def parse_sweep_config(e) -> SweepSpec | None:
                      f'e.g. (0.0, 0.5, 1.0)')
   allow_zero = (s.defense, s.param) not in _STRICTLY_POSITIVE
   for v in values:
-    config_utils.check_positive(_field('values'), v, allow_zero=allow_zero)
+    validate.check_positive(_field('values'), v, allow_zero=allow_zero)
   if len(set(values)) != len(values):
     raise ValueError(f'{_field("values")}={values!r} has duplicates; give each value once')
   values = tuple(float(v) for v in values)
@@ -190,50 +189,34 @@ def parse_sweep_config(e) -> SweepSpec | None:
                                           field=_field('fixed'))
   stochastic = any(t.stochastic for t in transforms)
 
-  config_utils.check_choice('eval.norm', e.norm, attacks.NORMS)
-  config_utils.check_positive(_field('epsilon'), s.epsilon, allow_zero=True)
+  validate.check_choice('eval.norm', e.norm, attacks.NORMS)
+  validate.check_positive(_field('epsilon'), s.epsilon, allow_zero=True)
   if e.norm == 'linf' and s.epsilon > 1:
     raise ValueError(f'{_field("epsilon")}={s.epsilon}: exceeds 1; epsilons are in [0, 1] '
                      'pixel units')
-  from advdef import robustness  # Lazy: robustness imports the evaluation stack.
-  (attack, name, attack_kwargs), = robustness.parse_attacks((s.attack,), field=_field('attack'))
-  if name in robustness.MIN_PERTURBATION_ATTACKS:
-    fixed_budget = [n for n in attacks.ATTACKS if n not in robustness.MIN_PERTURBATION_ATTACKS]
+  parsed, = attack_suite.parse_attacks((s.attack,), field=_field('attack'))
+  attack, name, attack_kwargs = parsed.label, parsed.name, parsed.kwargs
+  if name in base.MIN_PERTURBATION_ATTACKS:
+    fixed_budget = [n for n in attacks.ATTACKS if n not in base.MIN_PERTURBATION_ATTACKS]
     raise ValueError(f'{_field("attack")}={s.attack!r} is a minimum-perturbation attack; a '
                      f'sweep needs a fixed-budget one: {", ".join(fixed_budget)}')
   if e.norm not in attacks.ATTACK_NORMS[name]:
     raise ValueError(f'{_field("attack")}={s.attack!r} does not support eval.norm={e.norm!r}; '
                      f'it supports {attacks.ATTACK_NORMS[name]}')
-  config_utils.check_positive('eval.num_draws', e.num_draws, integer=True)
-  config_utils.check_positive('eval.eot_samples', e.eot_samples, integer=True)
+  validate.check_positive('eval.num_draws', e.num_draws, integer=True)
+  validate.check_positive('eval.eot_samples', e.eot_samples, integer=True)
   spec = SweepSpec(defense=s.defense, param=s.param, values=values, fixed=fixed, attack=attack,
                    attack_name=name, attack_kwargs=attack_kwargs, epsilon=float(s.epsilon),
                    norm=e.norm, stochastic=stochastic, num_draws=int(e.num_draws),
                    eot_samples=int(e.eot_samples))
-  # Trace the attack abstractly on a toy linear model, so bad attack hyperparameters
-  # (steps=0, loss=foo) fail now, not after training.
-  x = jnp.zeros((2, 2, 2, 1))
-  y = jnp.zeros((2,), jnp.int32)
-  w = jnp.ones((4, 3))
-  toy = lambda x, key: x.reshape((x.shape[0], -1)) @ w
-  try:
-    jax.eval_shape(lambda: attacks.ATTACKS[name](toy, jax.random.key(0), x, y,
-                                                 eps=spec.epsilon, **spec.attack_call_kwargs()))
-  except (TypeError, ValueError) as err:
-    raise ValueError(f'{_field("attack")}={s.attack!r}: {err}') from None
+  # Bad attack hyperparameters (steps=0, loss=foo) fail now, not after training.
+  attack_suite.check_attack_call(f'{_field("attack")}={s.attack!r}', name,
+                                 dict(spec.attack_call_kwargs(), eps=spec.epsilon))
   return spec
 
 
-def validate_sweep_config(e) -> None:
-  """Checks `eval.sweep` before any compute (see parse_sweep_config); '' defense is a no-op."""
-  parse_sweep_config(e)
-
-
-def validate_for_model(e, model, input_shape) -> None:
+def validate_for_model(spec: SweepSpec, model, input_shape) -> None:
   """Checks that the swept defense (with its `sites=` glob, if any) matches the model."""
-  spec = parse_sweep_config(e)
-  if spec is None:
-    return
   kwargs = ', '.join(f'{k}={v!r}' for k, v in spec.defense_kwargs(spec.values[0]).items())
   retrofit.validate_for_model(f'{spec.defense}({kwargs})', model, input_shape,
                               field='eval.sweep')
@@ -241,15 +224,6 @@ def validate_for_model(e, model, input_shape) -> None:
 
 # ------------------------------------------------------------------------------------------
 # The compiled evaluation of one grid point, and of the whole grid.
-
-
-def _predict(logits_fn, x, key, spec: SweepSpec) -> jax.Array:
-  """int32[B]: the defense's decision rule (MC average of softmaxes when stochastic)."""
-  if spec.stochastic:
-    probs, _ = defenses.mc_probabilities(logits_fn, key, x, num_draws=spec.num_draws)
-  else:
-    probs = jax.nn.softmax(logits_fn(x, key).astype(jnp.float32), axis=-1)
-  return jnp.argmax(probs, axis=-1)
 
 
 def point_counts(model, variables, spec: SweepSpec, value, x, y, mask, key
@@ -273,36 +247,14 @@ def point_counts(model, variables, spec: SweepSpec, value, x, y, mask, key
                                                     field='eval.sweep'))
   logits_fn = retrofit.make_logits_fn(model, variables, hook)
   attack_key, clean_key, robust_key = jax.random.split(key, 3)
-  clean_pred = _predict(logits_fn, x, clean_key, spec)
+  predict = lambda x, key: jnp.argmax(evaluation.predict_probs(
+      logits_fn, x, key, stochastic=spec.stochastic, num_draws=spec.num_draws)[0], axis=-1)
+  clean_pred = predict(x, clean_key)
   x_adv = attacks.ATTACKS[spec.attack_name](logits_fn, attack_key, x, y, eps=spec.epsilon,
                                             **spec.attack_call_kwargs())
-  robust_pred = _predict(logits_fn, x_adv, robust_key, spec)
+  robust_pred = predict(x_adv, robust_key)
   count = lambda pred: jnp.sum((pred == y) & mask, dtype=jnp.int32)
   return count(clean_pred), count(robust_pred)
-
-
-def _grid_mesh(num_points: int, devices: Sequence[Any] | None = None
-               ) -> jax.sharding.Mesh | None:
-  """A 1-D mesh named 'grid' over the devices, when there are several and they divide G."""
-  devices = list(jax.devices() if devices is None else devices)
-  if len(devices) > 1 and num_points % len(devices) == 0:
-    return jax.sharding.Mesh(np.asarray(devices), ('grid',))
-  return None
-
-
-def _put(tree, sharding):
-  """Places host or device arrays on a (possibly multi-process) sharding.
-
-  Host arrays, identical on every process, go through make_array_from_callback, which
-  needs no communication; device arrays (e.g. variables replicated over another mesh) are
-  moved with device_put.
-  """
-  def put(a):
-    if isinstance(a, jax.Array):
-      return jax.device_put(a, sharding)
-    a = np.asarray(a)
-    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-  return jax.tree_util.tree_map(put, tree)
 
 
 class SweepEvaluator:
@@ -325,7 +277,7 @@ class SweepEvaluator:
                devices: Sequence[Any] | None = None):
     self.spec = spec
     self.trace_count = 0
-    self.mesh = _grid_mesh(len(spec.values), devices) if shard else None
+    self.mesh = parallel.grid_mesh(len(spec.values), devices) if shard else None
 
     def grid_counts(values, variables, x, y, mask, key):
       self.trace_count += 1  # Runs at trace time only.
@@ -345,8 +297,8 @@ class SweepEvaluator:
       # Each device evaluates G / num_devices grid points on the whole batch; outputs are
       # replicated, so every process can read the whole grid's counts.
       self._fn = jax.jit(grid_counts, out_shardings=(self._replicated, self._replicated))
-      self._values = _put(values, grid)
-      self._variables = _put(variables, self._replicated)
+      self._values = parallel.put(values, grid)
+      self._variables = parallel.put(variables, self._replicated)
 
   def batch_counts(self, x, y, mask, key) -> tuple[jax.Array, jax.Array]:
     """int32[G] clean and robust correct counts of one batch at every grid value.
@@ -356,7 +308,7 @@ class SweepEvaluator:
       key: typed PRNG key, shared by every grid point.
     """
     if self._replicated is not None:
-      x, y, mask, key = _put((x, y, mask, key), self._replicated)
+      x, y, mask, key = parallel.put((x, y, mask, key), self._replicated)
     return self._fn(self._values, self._variables, x, y, mask, key)
 
   def counts(self, images_u8, labels, key, batch_size: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -411,154 +363,21 @@ def sweep_row(spec: SweepSpec, clean: Sequence[float], robust: Sequence[float]) 
           'attack': spec.attack_label, 'epsilon': spec.epsilon}
 
 
-def evaluate_sweeps(config, model, variables, images_u8, labels, key) -> list[dict[str, Any]]:
-  """report['sweeps'] for config.eval.sweep: [] when disabled, else one row.
+def evaluate(ctx: base.Context) -> dict[str, Any]:
+  """{'sweeps': [one row]} for eval.sweep, {} when it is off.
 
   Both accuracies are measured on the first `eval.num_attack_examples` examples (all of
-  `images_u8` when 0), so the clean and robust curves describe the same examples.
-
-  Args:
-    config: the experiment config.
-    model, variables: the trained registry model.
-    images_u8: uint8[N, H, W, C] evaluation images (already cut to eval.num_examples).
-    labels: int[N].
-    key: typed PRNG key for the attack and the draws.
+  ctx's when 0), so the clean and robust curves describe the same examples. The grid axis
+  is sharded over the devices of the run's mesh when their count divides it.
   """
-  e = config.eval
-  spec = parse_sweep_config(e)
+  e, spec = ctx.config.eval, ctx.plan.sweep
   if spec is None:
-    return []
-  n = e.num_attack_examples or len(labels)
-  images_u8, labels = images_u8[:n], np.asarray(labels[:n]).astype(np.int32)
+    return {}
+  n = e.num_attack_examples or len(ctx.labels)
+  images_u8, labels = ctx.images[:n], np.asarray(ctx.labels[:n]).astype(np.int32)
   t0 = time.time()
-  # Respect a device budget of the data-parallel config (advdef.parallel), if any.
-  num_devices = config.get('parallel', {}).get('num_devices', 0) or jax.device_count()
-  evaluator = SweepEvaluator(model, variables, spec, devices=jax.devices()[:num_devices])
-  clean, robust = evaluator.accuracies(images_u8, labels, key, e.batch_size)
-  _log(f'sweep {spec.defense_label} over {spec.param} ({len(spec.values)} values, '
-       f'{spec.attack_label} at eps={spec.epsilon:g}): {time.time() - t0:.1f} s')
-  return [sweep_row(spec, clean, robust)]
-
-
-def _log(message: str) -> None:
-  # Progress for people watching a long evaluation, as advdef.robustness reports it.
-  print(f'[eval] {message}', file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------
-# Timing: one vmapped call against separate compiled calls (scripts/benchmark.py).
-
-DEFAULT_KAPPAS = tuple(round(0.2 * i, 1) for i in range(10))  # 0.0 .. 1.8
-
-
-def _block(tree):
-  return jax.tree_util.tree_map(lambda a: a.block_until_ready(), tree)
-
-
-def time_sweep_vs_separate(model, variables, spec: SweepSpec, images_u8, labels, key, *,
-                           batch_size: int = 256, shard: bool = True) -> dict[str, Any]:
-  """Wall time of the grid as one vmapped compiled call vs one compiled call per value.
-
-  Both sides include their compilation, as a user pays it: the sweep compiles once, the
-  separate evaluation compiles once per value (the value is a constant of each graph).
-  Each side then runs once more, already compiled, for the steady-state times. Both sides
-  compute the same counts (asserted).
-
-  Args:
-    model, variables: a registry model and its variables.
-    spec: the sweep (e.g. from parse_sweep_config).
-    images_u8: uint8[N, H, W, C]; labels: int[N].
-    key: typed PRNG key.
-    batch_size: examples per batch (the last batch is padded and masked).
-    shard: shard the grid axis over devices when they divide it.
-
-  Returns:
-    dict(in_graph_seconds, separate_seconds, ratio = separate / in_graph, num_points,
-    in_graph_run_seconds, separate_run_seconds (compiled, second run), num_examples,
-    num_devices, sharded).
-  """
-  labels = np.asarray(labels).astype(np.int32)
-  batches = list(data_lib.eval_batches(images_u8, labels, batch_size))
-  keys = [jax.random.fold_in(key, i) for i in range(len(batches))]
-
-  def run_grid(evaluator):
-    out = [evaluator.batch_counts(b['image'], b['label'], b['mask'], k)
-           for b, k in zip(batches, keys)]
-    return np.sum(np.asarray(_block(out)), axis=0)  # [2, G]
-
-  t0 = time.perf_counter()
-  evaluator = SweepEvaluator(model, variables, spec, shard=shard)
-  grid = run_grid(evaluator)
-  in_graph = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  run_grid(evaluator)
-  in_graph_run = time.perf_counter() - t0
-
-  def run_separate(fns):
-    out = [[fn(b['image'], b['label'], b['mask'], k) for b, k in zip(batches, keys)]
-           for fn in fns]
-    return np.sum(np.asarray(_block(out)), axis=1).T  # [2, G]
-
-  t0 = time.perf_counter()
-  fns = [separate_point_fn(model, variables, spec, v) for v in spec.values]
-  separate = run_separate(fns)
-  separate_seconds = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  run_separate(fns)
-  separate_run = time.perf_counter() - t0
-  if not np.array_equal(grid, separate):
-    _log(f'in-graph and separate counts differ: {grid.tolist()} vs {separate.tolist()}')
-  return {'in_graph_seconds': in_graph, 'separate_seconds': separate_seconds,
-          'ratio': separate_seconds / in_graph, 'num_points': len(spec.values),
-          'in_graph_run_seconds': in_graph_run, 'separate_run_seconds': separate_run,
-          'num_examples': int(labels.shape[0]), 'num_devices': jax.device_count(),
-          'sharded': evaluator.mesh is not None, 'counts_equal': bool(np.array_equal(grid,
-                                                                                       separate))}
-
-
-def benchmark_kappa_sweep(workdir: str | None = None, *,
-                          values: Sequence[float] = DEFAULT_KAPPAS,
-                          attack: str = 'pgd(steps=10)', epsilon: float = 0.1,
-                          num_examples: int = 200, batch_size: int = 200, norm: str = 'linf',
-                          seed: int = 0, shard: bool = True) -> dict[str, Any]:
-  """Times a JumpReLU kappa sweep (clean + robust accuracy) in one call vs separate calls.
-
-  Args:
-    workdir: a trained advdef run (e.g. the quick start's) whose model and test split are
-      used; None uses a freshly initialised small_cnn on the bundled digits (offline, no
-      training: the timing does not depend on the weights).
-    values: the kappa grid (default 0.0, 0.2, ..., 1.8: ten points).
-    attack: a fixed-budget attack spec, e.g. 'pgd(steps=10)'.
-    epsilon: the attack budget in [0, 1] pixel units.
-    num_examples: test examples evaluated (the first ones of the test split).
-    batch_size: examples per compiled call.
-    norm: 'linf' or 'l2'.
-    seed: seed of the initialisation (workdir=None) and of the keys.
-    shard: shard the grid over devices when their count divides len(values).
-
-  Returns:
-    dict(in_graph_seconds, separate_seconds, ratio, num_points) plus the steady-state
-    in_graph_run_seconds / separate_run_seconds and num_examples, num_devices, sharded,
-    counts_equal; see time_sweep_vs_separate. ratio > 1 means the in-graph sweep is faster.
-  """
-  import ml_collections
-  if workdir:
-    run = runs.load_run(workdir)
-    model, variables, splits = run.model, run.variables, run.splits
-  else:
-    from advdef import models
-    splits = data_lib.load_dataset(config_utils.base_config().data)
-    info = splits.info
-    model = models.create_model('small_cnn', num_classes=info.num_classes, mean=info.mean,
-                                std=info.std)
-    x0 = jnp.zeros((1, *info.image_shape), jnp.float32)
-    variables = model.init({'params': jax.random.key(seed)}, x0, train=False)
-  e = ml_collections.ConfigDict(dict(
-      sweep=dict(defense='jump', param='kappa', values=tuple(values), fixed='', attack=attack,
-                 epsilon=epsilon),
-      norm=norm, num_draws=1, eot_samples=1))
-  spec = parse_sweep_config(e)
-  images = splits.test_images[:num_examples]
-  labels = splits.test_labels[:num_examples]
-  return time_sweep_vs_separate(model, variables, spec, images, labels,
-                                jax.random.key(seed + 1), batch_size=batch_size, shard=shard)
+  evaluator = SweepEvaluator(ctx.model, ctx.variables, spec, devices=list(ctx.mesh.devices.flat))
+  clean, robust = evaluator.accuracies(images_u8, labels, ctx.key('defense_sweep'), e.batch_size)
+  base.log(f'sweep {spec.defense_label} over {spec.param} ({len(spec.values)} values, '
+           f'{spec.attack_label} at eps={spec.epsilon:g}): {time.time() - t0:.1f} s')
+  return {'sweeps': [sweep_row(spec, clean, robust)]}

@@ -1,6 +1,6 @@
 """Per-model figures of the ANP-VS tables: sparsity, FLOPs speed-up, memory, vulnerability.
 
-  summary = model_summary.summarize(config, model, variables, images, labels, key, workdir)
+  sections = model_summary.evaluate(ctx)   # {'model_summary': {...}}
 
 - sparsity_percent: % of mask units pruned (E[pi] <= 1e-3), 0 for models without masks.
 - flops_speedup, memory_percent: counted as the ANP code counts them (advdef.pruned_export),
@@ -25,36 +25,38 @@ import numpy as np
 from advdef import attacks
 from advdef import config_utils
 from advdef import data as data_lib
+from advdef import parallel
+from advdef import pruned_export
 from advdef import pruning
 from advdef import recipes
 from advdef import retrofit
 from advdef import runs
+from advdef import validate
+from advdef.evaluators import attack_suite
+from advdef.evaluators import base
 
 
-def validate_vulnerability_config(e) -> None:
+def parse_vulnerability_config(e) -> base.AttackSpec | None:
+  """Checks eval.vulnerability before any compute; returns its attack, None when off."""
   v = e.vulnerability
   if not v.attack:
-    return
-  name, kwargs = _parse_attack(v.attack)
-  config_utils.check_positive('eval.vulnerability.epsilon', v.epsilon)
+    return None
+  parsed = config_utils.parse_spec(v.attack, field='eval.vulnerability.attack')
+  if len(parsed) != 1 or parsed[0][0] not in attacks.ATTACKS:
+    raise ValueError(f'eval.vulnerability.attack={v.attack!r}: name one attack; valid: '
+                     f'{", ".join(attacks.ATTACKS)}')
+  (name, kwargs), = parsed
+  validate.check_positive('eval.vulnerability.epsilon', v.epsilon)
   if v.epsilon > 1:
     raise ValueError(f'eval.vulnerability.epsilon={v.epsilon!r} must be in [0, 1] pixel units')
-  from advdef import robustness  # lazily, as advdef.experiment imports it
-  robustness.check_attack_call(f'eval.vulnerability.attack={v.attack!r}', name,
-                               {**kwargs, 'eps': float(v.epsilon)})
-  config_utils.check_positive('eval.vulnerability.num_examples', v.num_examples,
-                              allow_zero=True, integer=True)
+  attack_suite.check_attack_call(f'eval.vulnerability.attack={v.attack!r}', name,
+                                 {**kwargs, 'eps': float(v.epsilon)})
+  validate.check_positive('eval.vulnerability.num_examples', v.num_examples,
+                          allow_zero=True, integer=True)
   if v.source and not os.path.exists(v.source):
     raise ValueError(f'eval.vulnerability.source={v.source!r} does not exist; give the workdir '
                      'of a trained run (the black-box source model) or leave it empty')
-
-
-def _parse_attack(spec):
-  parsed = config_utils.parse_spec(spec, field='eval.vulnerability.attack')
-  if len(parsed) != 1 or parsed[0][0] not in attacks.ATTACKS:
-    raise ValueError(f'eval.vulnerability.attack={spec!r}: name one attack; valid: '
-                     f'{", ".join(attacks.ATTACKS)}')
-  return parsed[0]
+  return base.AttackSpec(config_utils.spec_name(v.attack), name, kwargs)
 
 
 def _feature_fn(model, variables):
@@ -69,44 +71,56 @@ def _feature_fn(model, variables):
   return jax.jit(fn)
 
 
-def vulnerability_rows(config, model, variables, images, labels, key) -> dict[str, Any]:
-  """White-box (and black-box, with a source) vulnerability and accuracy under the attack."""
-  v = config.eval.vulnerability
-  name, kwargs = _parse_attack(v.attack)
-  n = v.num_examples or config.eval.num_attack_examples or len(images)
-  images, labels = images[:n], labels[:n]
-  features = _feature_fn(model, variables)
-  sources = {'white_box': retrofit.make_logits_fn(model, variables)}
+def vulnerability_rows(ctx: base.Context, variables) -> dict[str, Any]:
+  """White-box (and black-box, with a source) vulnerability and accuracy under the attack.
+
+  Batches are padded to one shape (one compilation) and split over the run's mesh; the
+  padding rows are masked out of every sum.
+  """
+  e = ctx.config.eval
+  v, attack = e.vulnerability, ctx.plan.vulnerability
+  n = v.num_examples or e.num_attack_examples or len(ctx.images)
+  images, labels = ctx.images[:n], ctx.labels[:n]
+  features = _feature_fn(ctx.model, variables)
+  sources = {'white_box': retrofit.make_logits_fn(ctx.model, variables)}
   if v.source:
     source_run = runs.load_run(v.source)
     if tuple(source_run.splits.info.image_shape) != tuple(images.shape[1:]):
       raise ValueError(f'eval.vulnerability.source={v.source!r} was trained on images of shape '
                        f'{source_run.splits.info.image_shape}, not {images.shape[1:]}')
-    sources['black_box'] = retrofit.make_logits_fn(source_run.model, source_run.variables)
+    sources['black_box'] = retrofit.make_logits_fn(
+        source_run.model, parallel.replicate(source_run.variables, ctx.mesh))
+  key = ctx.key('model_summary')
   out = {'attack': v.attack, 'epsilon': float(v.epsilon), 'n': int(len(images))}
   for label, logits_fn in sources.items():
-    attack = jax.jit(lambda x, y, k, f=logits_fn: attacks.ATTACKS[name](
-        f, k, x, y, eps=v.epsilon, **kwargs))
-    total_v, correct, count = 0.0, 0, 0
-    for i, batch in enumerate(data_lib.eval_batches(images, labels, config.eval.batch_size)):
-      m = int(np.sum(batch['mask']))
-      x, y = batch['image'][:m], batch['label'][:m]
-      x_adv = attack(x, y, jax.random.fold_in(key, i))
+
+    @jax.jit
+    def batch_sums(x, y, mask, k, logits_fn=logits_fn):
+      x_adv = attacks.ATTACKS[attack.name](logits_fn, k, x, y, eps=v.epsilon, **attack.kwargs)
       _, clean_feats = features(x)
       logits_adv, adv_feats = features(x_adv)
-      total_v += float(pruning.vulnerability(clean_feats, adv_feats)) * m
-      correct += int(jnp.sum(jnp.argmax(logits_adv, -1) == y))
-      count += m
-    out[f'{label}_vulnerability'] = total_v / count
-    out[f'{label}_accuracy'] = correct / count
+      per_example = pruning.vulnerability_per_example(clean_feats, adv_feats)
+      correct = (jnp.argmax(logits_adv, -1) == y) & mask
+      return jnp.sum(jnp.where(mask, per_example, 0.0)), jnp.sum(correct)
+
+    total_v, correct = 0.0, 0
+    for i, batch in enumerate(data_lib.eval_batches(images, labels, e.batch_size)):
+      batch = parallel.shard_batch(batch, ctx.mesh)
+      v_sum, c = batch_sums(batch['image'], batch['label'], batch['mask'],
+                            jax.random.fold_in(key, i))
+      total_v += float(v_sum)
+      correct += int(c)
+    out[f'{label}_vulnerability'] = total_v / len(images)
+    out[f'{label}_accuracy'] = correct / len(images)
   if v.source:
     out['source'] = v.source
   return out
 
 
-def summarize(config, model, variables, images, labels, key, workdir=None) -> dict[str, Any]:
-  """The per-model summary (see the module docstring); writes pruned_model.npz to workdir."""
-  from advdef import pruned_export
+def evaluate(ctx: base.Context) -> dict[str, Any]:
+  """{'model_summary': the per-model summary}; see the module docstring. Writes
+  pruned_model.npz to the workdir."""
+  config, model, images, variables = ctx.config, ctx.model, ctx.images, ctx.variables
   params = variables['params']
   summary: dict[str, Any] = {
       'params': int(sum(int(np.size(p)) for path, p in
@@ -127,9 +141,8 @@ def summarize(config, model, variables, images, labels, key, workdir=None) -> di
   if name in pruned_export.PLANS:
     summary.update(pruned_export.count_flops_and_memory(name, active, shape,
                                                         model.num_classes))
-  if config.eval.vulnerability.attack:
-    summary['vulnerability'] = vulnerability_rows(config, model, variables, images, labels,
-                                                  key)
+  if ctx.plan.vulnerability is not None:
+    summary['vulnerability'] = vulnerability_rows(ctx, parallel.replicate(variables, ctx.mesh))
   if placement is not None and config.eval.export_pruned and name in pruned_export.PLANS:
     pruned = pruned_export.export_pruned(model, variables)
     x = jnp.asarray(data_lib.to_float(np.asarray(images[:config.eval.batch_size])))
@@ -139,9 +152,9 @@ def summarize(config, model, variables, images, labels, key, workdir=None) -> di
                                           batch_size=config.eval.batch_size, input_shape=shape)
     summary['pruned_export'] = {'params': int(pruned.num_params),
                                 'max_abs_logit_difference': deviation, **speed}
-    if workdir and jax.process_index() == 0:
-      path = os.path.join(workdir, 'pruned_model.npz')
+    if ctx.workdir:
+      path = os.path.join(ctx.workdir, 'pruned_model.npz')
       pruned_export.save_pruned(path, pruned)
       summary['pruned_export']['path'] = path
     logging.info('Pruned export: %s', summary['pruned_export'])
-  return summary
+  return {'model_summary': summary}
