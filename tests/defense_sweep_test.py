@@ -1,12 +1,8 @@
 """The in-graph defense sweep (advdef.evaluators.defense_sweep) equals a loop of separate
 evaluations and traces once; quickstart `smoke,sweep` writes the sweep table and plot."""
 
-import importlib.util
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,15 +15,14 @@ from advdef import evaluation
 from advdef import experiment
 from advdef import models
 from advdef import retrofit
+from advdef import sweep
 from advdef.evaluators import defense_sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _quickstart(arg):
-  spec = importlib.util.spec_from_file_location('quickstart', ROOT / 'configs' / 'quickstart.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module, _ = sweep.load_config_module(str(ROOT / 'configs' / 'quickstart.py'))
   return module, module.get_config(arg)
 
 

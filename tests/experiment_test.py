@@ -125,8 +125,7 @@ def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path):
 
 def _train_partial(config, workdir, stop_after_epochs):
   """Trains with the full schedule but stops (like a crash) after some epochs."""
-  prepared = experiment.prepare(config)
-  splits, model = prepared.splits, prepared.model
+  splits = experiment.prepare(config).splits
   spe = len(splits.train_labels) // config.train.batch_size
   original = training.make_train_step
 

@@ -1,7 +1,6 @@
 """The config-sweep CLI (python -m advdef.sweep): runs, skips finished points, shards, gathers
 and rejects bad input before compute."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -17,9 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _quickstart(arg):
-  spec = importlib.util.spec_from_file_location('quickstart', ROOT / 'configs' / 'quickstart.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module, _ = sweep.load_config_module(str(ROOT / 'configs' / 'quickstart.py'))
   return module, module.get_config(arg)
 
 
