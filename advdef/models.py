@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 SITE_KINDS = ('act', 'conv_in', 'conv_out', 'dense_in')
 NORMALIZATIONS = ('dataset', 'none', 'per_image')
@@ -61,6 +62,43 @@ class Site(nn.Module):
     return (self.hook or plain_hook)(self, x)
 
 
+def canonical_conv(lhs, rhs, window_strides, padding, **kwargs):
+  """lax.conv_general_dilated with an input gradient that XLA:CPU runs fast inside loops.
+
+  The input gradient of a convolution is a convolution whose kernel has its input and
+  output feature axes swapped (`01oi`). XLA:CPU's convolution canonicalization, which turns
+  that into the layout its fast (Eigen) kernels take, only rewrites convolutions of the
+  entry computation: inside a `while` loop (a rolled attack loop) the swapped kernel falls
+  to a generic kernel, measured 4x slower on a small CNN and about 6x on ResNet-20 (XLA in
+  jax 0.10.2). This VJP hands the transposed convolution a kernel transposed in memory, so
+  its dimension labels are canonical wherever it is compiled; the values are those of
+  JAX's own VJP. Forward-mode differentiation (jvp) is not defined through it.
+  """
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, kwargs.pop('dimension_numbers', None))
+  out_axis, in_axis = dn.rhs_spec[0], dn.rhs_spec[1]
+  dn_swapped = lax.ConvDimensionNumbers(dn.lhs_spec, (in_axis, out_axis) + tuple(dn.rhs_spec[2:]),
+                                        dn.out_spec)
+  conv = lambda l, r, numbers: lax.conv_general_dilated(l, r, window_strides, padding,
+                                                         dimension_numbers=numbers, **kwargs)
+
+  @jax.custom_vjp
+  def convolve(l, r):
+    return conv(l, r, dn)
+
+  def forward(l, r):
+    return conv(l, r, dn), (l, r)
+
+  def backward(residuals, g):
+    l, r = residuals
+    r_swapped = jnp.swapaxes(r, out_axis, in_axis)  # the same kernel, O and I swapped in memory
+    _, lhs_vjp = jax.vjp(lambda l: conv(l, r_swapped, dn_swapped), l)
+    _, rhs_vjp = jax.vjp(lambda r: conv(l, r, dn), r)
+    return lhs_vjp(g)[0], rhs_vjp(g)[0]
+
+  convolve.defvjp(forward, backward)
+  return convolve(lhs, rhs)
+
+
 class _SiteMixin:
   """Helpers that create sites with the module's hook; names are unique per parent."""
 
@@ -71,7 +109,8 @@ class _SiteMixin:
            kernel_init=nn.initializers.lecun_normal(), first=False):
     x = self.site('conv_in', x, f'{name}_in', is_model_input=first)
     x = nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding,
-                use_bias=use_bias, kernel_init=kernel_init, name=name)(x)
+                use_bias=use_bias, kernel_init=kernel_init, name=name,
+                conv_general_dilated=canonical_conv)(x)
     return self.site('conv_out', x, f'{name}_out')
 
   def dense(self, features, x, name, *, kernel_init=nn.initializers.lecun_normal()):
