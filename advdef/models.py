@@ -85,17 +85,24 @@ def canonical_conv(lhs, rhs, window_strides, padding, **kwargs):
   def convolve(l, r):
     return conv(l, r, dn)
 
-  def forward(l, r):
-    return conv(l, r, dn), (l, r)
+  def forward(l, r):  # l, r: CustomVJPPrimal (symbolic_zeros), r.perturbed False in attacks
+    return conv(l.value, r.value, dn), (l.value, r.value, l.perturbed, r.perturbed)
 
   def backward(residuals, g):
-    l, r = residuals
-    r_swapped = jnp.swapaxes(r, out_axis, in_axis)  # the same kernel, O and I swapped in memory
-    _, lhs_vjp = jax.vjp(lambda l: conv(l, r_swapped, dn_swapped), l)
-    _, rhs_vjp = jax.vjp(lambda r: conv(l, r, dn), r)
-    return lhs_vjp(g)[0], rhs_vjp(g)[0]
+    l, r, lhs_perturbed, rhs_perturbed = residuals
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):  # the output did not matter
+      return None, None
+    # Only the cotangents asked for: an attack's kernel is a constant, and the kernel
+    # gradient (a grouped convolution) has no batching rule under a sharded vmap.
+    dl = dr = None
+    if lhs_perturbed:
+      r_swapped = jnp.swapaxes(r, out_axis, in_axis)  # the kernel, O and I swapped in memory
+      dl = jax.vjp(lambda l: conv(l, r_swapped, dn_swapped), l)[1](g)[0]
+    if rhs_perturbed:
+      dr = jax.vjp(lambda r: conv(l, r, dn), r)[1](g)[0]
+    return dl, dr
 
-  convolve.defvjp(forward, backward)
+  convolve.defvjp(forward, backward, symbolic_zeros=True)
   return convolve(lhs, rhs)
 
 
