@@ -19,11 +19,16 @@ next Checkpointer opens the directory (`cleanup_tmp_directories=True`).
 Deleting old steps (keep-last-N) happens after the new step is committed,
 so a kill during deletion can only leave a partly deleted *older* step, never
 damage the latest one; it is removed again by the next save's cleanup.
+
+Damage after the commit (a full disk, a copy or sync cut short, files truncated) is not
+prevented by any of this: `Checkpointer.restore_latest` and `restore_variables` then warn and
+fall back to the newest checkpoint that reads back, and fail with one line when none does.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 from collections.abc import Mapping
@@ -35,6 +40,51 @@ import orbax.checkpoint as ocp
 from advdef import files
 
 FINGERPRINT_FILE = 'fingerprint.json'
+
+
+class CheckpointsUnreadableError(ValueError):
+  """The directory holds checkpoints but none of them could be restored."""
+
+
+def _brief(error: BaseException) -> str:
+  """One line for an exception: its type and the first line of its message."""
+  lines = str(error).strip().splitlines()
+  text = lines[0] if lines else ''
+  if len(text) > 200:
+    text = text[:197] + '...'
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def _restore_newest_readable(directory: pathlib.Path, steps, restore_one, *,
+                             advice: str) -> tuple[int, Any, list[int]]:
+  """Restores the newest of `steps` that reads back, warning about each one that does not.
+
+  A committed checkpoint can still be damaged afterwards (a full disk, a copy or sync cut
+  short, files truncated by hand); orbax then fails with whatever the damaged file gives
+  (JSON errors, missing files, shape mismatches). Any exception counts as unreadable.
+
+  Returns:
+    (step restored, the restored tree, the unreadable steps newer than it).
+
+  Raises:
+    CheckpointsUnreadableError: none could be read; `advice` says what to do.
+  """
+  failures = []
+  newest_first = sorted(steps, reverse=True)
+  for i, step in enumerate(newest_first):
+    try:
+      restored = restore_one(step)
+    except Exception as e:  # pylint: disable=broad-except  # noqa: BLE001 (see docstring)
+      failures.append((step, e))
+      logging.warning('checkpoint step %d (%s) could not be read (%s)%s', step,
+                      directory / str(step), _brief(e),
+                      f'; trying step {newest_first[i + 1]}' if i + 1 < len(newest_first) else '')
+      continue
+    return step, restored, [s for s, _ in failures]
+  newest, error = failures[0]
+  raise CheckpointsUnreadableError(
+      f'none of the checkpoints in {directory} could be read (steps '
+      f'{sorted(s for s, _ in failures)}; step {newest}: {_brief(error)}); {advice}')
 
 
 def _normalize(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,8 +159,7 @@ class Checkpointer:
     ckpt = Checkpointer(workdir / 'checkpoints', keep=3, save_interval_steps=1000,
                         fingerprint={'model': 'lenet_like', 'dataset': 'npz:mnist10k'})
     ckpt.check_compatible()
-    if (step := ckpt.latest_step()) is not None:
-      state = ckpt.restore(step, target=state)
+    step, state = ckpt.restore_latest(target=state)  # (None, state) when there is none
     for step in range(step or 0, num_steps):
       state = train_step(state, batch)
       ckpt.save(step + 1, state)
@@ -185,6 +234,43 @@ class Checkpointer:
     finalized; `restore` waits for it.
     """
     return self._manager.latest_step()
+
+  def restore_latest(self, *, target: Any) -> tuple[int | None, Any]:
+    """Restores the newest checkpoint that can be read, skipping damaged newer ones.
+
+    Each unreadable checkpoint is reported with a warning naming its step and path. When
+    an older one restores, the unreadable newer ones are deleted, so that resumed training
+    writes those steps again (`save` skips a step that exists). When none restores nothing
+    is deleted: the same failure on every step may mean that the model changed, not the
+    files.
+
+    Args:
+      target: as for `restore`.
+
+    Returns:
+      (step, restored pytree), or (None, target) when there is no checkpoint.
+
+    Raises:
+      CheckpointsUnreadableError: there are checkpoints but none could be read.
+    """
+    self._ensure_compatible()
+    self._manager.wait_until_finished()
+    steps = self.all_steps()
+    if not steps:
+      return None, target
+    abstract = _abstract_target(target)
+    step, restored, unreadable = _restore_newest_readable(
+        self.directory, steps,
+        lambda s: self._manager.restore(s, args=ocp.args.StandardRestore(abstract)),
+        advice=f'delete {self.directory} to train from scratch, or use another --workdir '
+        '(if the model config changed since they were written, rerun with the old one)')
+    for bad in unreadable:
+      self._manager.delete(bad)
+    if unreadable:
+      logging.warning('resuming from checkpoint step %d in %s; deleted the unreadable newer '
+                      'checkpoints %s so that training writes them again', step, self.directory,
+                      unreadable)
+    return step, restored
 
   def save(self, step: int, state: Any, *, force: bool = False) -> bool:
     """Saves `state` as checkpoint `step` if the save interval says so.
@@ -271,7 +357,8 @@ def restore_variables(directory: os.PathLike | str, target: Mapping[str, Any], *
     directory: `<workdir>/checkpoints` or the workdir itself.
     target: e.g. {'params': ..., 'batch_stats': ...} with the structure, dtypes
       and shardings wanted (arrays or jax.ShapeDtypeStructs).
-    step: the step to load; None loads the latest.
+    step: the step to load; None loads the latest that can be read (a damaged newer one
+      is skipped with a warning).
     expected_fingerprint: if given, the stored fingerprint must equal it.
 
   Returns:
@@ -279,6 +366,7 @@ def restore_variables(directory: os.PathLike | str, target: Mapping[str, Any], *
 
   Raises:
     FileNotFoundError: if the directory holds no (such) checkpoint.
+    CheckpointsUnreadableError (a ValueError): if none of the candidates could be read.
     ValueError: if the fingerprint does not match.
   """
   directory = _resolve_checkpoint_dir(directory)
@@ -295,18 +383,23 @@ def restore_variables(directory: os.PathLike | str, target: Mapping[str, Any], *
     available = sorted(manager.all_steps())
     if not available:
       raise FileNotFoundError(f'no checkpoint in {directory}; train first or fix the path.')
-    step = available[-1] if step is None else int(step)
-    if step not in available:
+    if step is not None and int(step) not in available:
       raise FileNotFoundError(f'no checkpoint for step {step} in {directory}; available steps: '
                               f'{available}.')
     abstract = _abstract_target(dict(target))
     # PyTreeRestore with partial_restore reads only the named subtrees; StandardRestore would
     # insist on the full saved structure including opt_state.
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=abstract,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=True))
+    args = ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True)
+    # The latest readable one: a damaged newest checkpoint falls back, with a warning; an
+    # explicit step is that step or an error. Nothing is deleted here: the run is not ours.
+    _, restored, _ = _restore_newest_readable(
+        directory, available if step is None else [int(step)],
+        lambda s: manager.restore(s, args=args),
+        advice='point train.checkpoint (or train.init_from) at another run, or delete '
+        f'{directory} and train that run again')
   return dict(restored)
 
 
-__all__ = ['FINGERPRINT_FILE', 'Checkpointer', 'restore_variables']
+__all__ = ['FINGERPRINT_FILE', 'Checkpointer', 'CheckpointsUnreadableError', 'restore_variables']

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from advdef import checkpointing
+from advdef import compilation
 from advdef import config_utils
 from advdef import data as data_lib
 from advdef import metric_writers
@@ -119,6 +120,23 @@ def run(config, workdir: str, *, progress: bool = True,
         prepared: Prepared | None = None) -> dict[str, Any]:
   """Trains (or resumes / loads), evaluates and writes report.json, report.md and plots."""
   t0 = time.time()
+  with compilation.CompileTimer() as timer:
+    report, phase_seconds = _train_and_evaluate(config, workdir, progress, prepared)
+  report['wall_seconds'] = time.time() - t0
+  # How much went to compiling: on a small CPU run, most of it (README, Performance).
+  report['timing'] = dict(timer.summary(), wall_seconds=report['wall_seconds'], **phase_seconds)
+  if jax.process_index() == 0:
+    paths = reporting.write_report(workdir, report)
+    metrics = metric_writers.read_metrics(workdir)
+    if metrics:
+      plots.training_curves(metrics, os.path.join(workdir, 'training_curves.png'))
+    logging.info('Wrote %s', ', '.join(map(str, paths)))
+  return report
+
+
+def _train_and_evaluate(config, workdir, progress, prepared):
+  """(report, {'train_seconds', 'evaluate_seconds'})."""
+  t0 = time.time()
   prepared = prepared or prepare(config)
   splits, model = prepared.splits, prepared.model
   os.makedirs(workdir, exist_ok=True)
@@ -139,16 +157,10 @@ def run(config, workdir: str, *, progress: bool = True,
   finally:
     writer.close()
 
+  t1 = time.time()
   report = evaluate_run(config, prepared, variables, workdir=workdir if is_main else None)
   report['training'] = summary
-  report['wall_seconds'] = time.time() - t0
-  if is_main:
-    paths = reporting.write_report(workdir, report)
-    metrics = metric_writers.read_metrics(workdir)
-    if metrics:
-      plots.training_curves(metrics, os.path.join(workdir, 'training_curves.png'))
-    logging.info('Wrote %s', ', '.join(map(str, paths)))
-  return report
+  return report, {'train_seconds': t1 - t0, 'evaluate_seconds': time.time() - t1}
 
 
 def evaluate_run(config, prepared: Prepared, variables, workdir=None) -> dict[str, Any]:

@@ -53,7 +53,7 @@ CHECK_STATUSES = ('pass', 'warn', 'fail')
 
 _REQUIRED_REPORT_KEYS = ('advdef_version', 'created', 'config', 'dataset', 'model', 'training',
                          'rows', 'checks', 'notes')
-_OPTIONAL_REPORT_KEYS = ('sweeps', 'wall_seconds', 'machine', 'model_summary')
+_OPTIONAL_REPORT_KEYS = ('sweeps', 'wall_seconds', 'timing', 'machine', 'model_summary')
 _REQUIRED_ROW_KEYS = ('defense', 'attack', 'norm', 'epsilon', 'accuracy', 'ci95', 'n')
 _OPTIONAL_ROW_KEYS = ('per_draw_accuracy', 'per_draw_ci95', 'num_draws', 'nll', 'ece', 'brier',
                       'calibration_bins', 'median_perturbation', 'median_relative_perturbation',
@@ -382,12 +382,28 @@ def _epsilon_order(row: Mapping[str, Any]) -> float:
   return -1.0 if row['epsilon'] is None else row['epsilon']
 
 
+def timing_line(timing: Mapping[str, Any]) -> str:
+  """One sentence: wall time, training vs evaluation, and the share spent compiling."""
+  wall = timing['wall_seconds']
+  compiling = timing.get('compile_seconds', 0.0) + timing.get('trace_seconds', 0.0)
+  text = (f"Wall time {wall:.1f} s (training {timing.get('train_seconds', 0.0):.1f} s, "
+          f"evaluation {timing.get('evaluate_seconds', 0.0):.1f} s), of which {compiling:.1f} s "
+          f"({compiling / max(wall, 1e-9):.0%}) tracing and compiling "
+          f"{timing.get('compilations', 0)} programs")
+  if timing.get('cache_hits'):
+    text += f", {timing['cache_hits']} of them read from the persistent compilation cache"
+  return text + '.'
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
   """Renders a validated report as Markdown (the content of report.md)."""
   rows = list(report['rows'])
   clean, attacked, worst = _split_rows(rows)
   out = [f"# advdef report: {report['model']} on {report['dataset']}\n",
          f"Created {report['created']} with advdef {report['advdef_version']}.\n"]
+  timing = report.get('timing')
+  if timing:
+    out.append(timing_line(timing) + '\n')
 
   training = report.get('training')
   if training:

@@ -16,6 +16,7 @@ steps an uninterrupted run would have taken.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -43,6 +44,14 @@ SCHEDULES = ('constant', 'piecewise', 'cosine')
 
 class NonFiniteLossError(RuntimeError):
   """Raised when the training loss becomes NaN or infinite."""
+
+
+def non_finite_message(loss: float, last_good: int, step: int, checkpoint: int | None) -> str:
+  """NonFiniteLossError's message; checkpoint: the newest saved step, None before the first."""
+  kept = ('no checkpoint has been written yet' if checkpoint is None else
+          f'the last good checkpoint (step {checkpoint}) is kept')
+  return (f'training loss became {loss} between steps {last_good} and {step}; {kept}. Lower '
+          'train.learning_rate or check the data.')
 
 
 @flax.struct.dataclass
@@ -105,8 +114,9 @@ def create_train_state(key, model: nn.Module, tx: optax.GradientTransformation,
   freshly initialised."""
   x = jnp.zeros((1, *input_shape), jnp.float32)
   params_key, dropout_key, defense_key = jax.random.split(key, 3)
-  variables = model.init({'params': params_key, 'dropout': dropout_key, 'defense': defense_key},
-                         x, train=False)
+  # Jitted: run op by op, init compiles dozens of small programs (seconds at every start).
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      {'params': params_key, 'dropout': dropout_key, 'defense': defense_key}, x)
   params = variables['params']
   batch_stats = variables.get('batch_stats', {})
   if init_variables is not None:
@@ -331,17 +341,17 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
   tx = recipes.wrap_optimizer(recipe, create_optimizer(tc, spe), schedule)
   init_key, train_key, data_key = (rng.run_key(config.seed, stream)
                                     for stream in ('init', 'train', 'data'))
-  start = ckpt.latest_step()
   init_vars = None
-  if start is None and tc.init_from:  # a trained run without masks to start from (ANP)
+  if ckpt.latest_step() is None and tc.init_from:  # a trained run without masks (ANP)
     init_vars = load_variables(tc.init_from, model.clone(hook=None), info,
                                expected_fingerprint=fingerprint(config, info, with_masks=False))
   # Replicated before the restore: orbax restores into the target's sharding.
   state = parallel.replicate(create_train_state(
       init_key, model, tx, info.image_shape, snapshot=recipe.needs_snapshot,
       init_variables=init_vars), mesh)
+  # The newest checkpoint that reads back; damaged newer ones are reported and dropped.
+  start, state = ckpt.restore_latest(target=state)
   if start is not None:
-    state = ckpt.restore(start, target=state)
     logging.info('Resumed from step %d in %s', start, workdir)
   start = int(start or 0)
   if writer is not None:
@@ -380,10 +390,8 @@ def train_and_evaluate(config, workdir: str, model: nn.Module, splits: data_lib.
             jax.tree_util.tree_map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending)).items()}
         pending = []
         if not math.isfinite(means['loss']):
-          raise NonFiniteLossError(
-              f'training loss became {means["loss"]} between steps {last_good} and {step}; the '
-              f'last good checkpoint (step {ckpt.latest_step()}) is kept. Lower '
-              'train.learning_rate or check the data.')
+          raise NonFiniteLossError(non_finite_message(means['loss'], last_good, step,
+                                                      ckpt.latest_step()))
         last_good = step
         scalars = {f'train/{k}': v for k, v in means.items()}
         scalars['train/learning_rate'] = float(schedule(step - 1))
