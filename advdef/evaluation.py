@@ -111,17 +111,63 @@ def make_predict_fn(logits_fn: Callable, *, stochastic: bool, num_draws: int,
                                                num_draws=num_draws, chunk_size=chunk_size))
 
 
+def num_batches(n: int, batch_size: int) -> int:
+  """How many batches data.eval_batches yields for n examples (the last one padded)."""
+  return -(-n // batch_size)
+
+
+class BatchTicker:
+  """Calls on_batch(done, total) as a loop's batches finish on the device.
+
+  JAX dispatches asynchronously: a loop hands batch i+1 to the device before batch i has
+  run, so a count of dispatched batches races ahead and then waits at the end. The ticker
+  waits for batch i only once batch i+1 is dispatched, so the device always has the next
+  batch queued and the count is of finished batches. With on_batch None it never waits.
+
+    tick = BatchTicker(on_batch, num_batches(n, batch_size))
+    for batch in ...:
+      out = run(batch)
+      tick(out)       # after dispatching; reports the previous batch once it is done
+    tick.finish()     # reports the last one
+  """
+
+  def __init__(self, on_batch: Callable[[int, int], None] | None, total: int):
+    self.on_batch, self.total = on_batch, total
+    self.done = 0
+    self._pending = None
+
+  def __call__(self, outputs) -> None:
+    if self.on_batch is None:
+      return
+    self._report()
+    self._pending = (outputs,)
+
+  def finish(self) -> None:
+    if self.on_batch is not None:
+      self._report()
+
+  def _report(self):
+    if self._pending is not None:
+      jax.block_until_ready(self._pending[0])
+      self._pending = None
+      self.done += 1
+      self.on_batch(self.done, self.total)
+
+
 def score_predictions(predict, images, labels, batch_size, key, *, stochastic,
                       x_override: Callable | None = None,
-                      return_correct: bool = False, mesh=None) -> dict[str, Any]:
+                      return_correct: bool = False, mesh=None,
+                      on_batch: Callable[[int, int], None] | None = None) -> dict[str, Any]:
   """Runs predict over a split and returns the row fields (accuracy, ci95, calibration...).
 
   x_override(batch_index, batch) -> x lets attacked inputs replace the clean ones.
   return_correct adds '_correct': bool[N], per-example correctness of the (averaged)
   prediction, for per-example worst cases. With a mesh, every batch (and x) is split over
-  its devices; batch_size must be a multiple of the device count.
+  its devices; batch_size must be a multiple of the device count. on_batch(done, total) is
+  called as batches finish (BatchTicker), for progress displays.
   """
   sums, per_draw, correct_all = None, [], []
+  tick = BatchTicker(on_batch, num_batches(images.shape[0], batch_size))
   for i, batch in enumerate(data_lib.eval_batches(images, labels, batch_size)):
     mask = np.asarray(batch['mask'])  # Host copy, before the batch is spread over devices.
     if mesh is not None:
@@ -137,6 +183,8 @@ def score_predictions(predict, images, labels, batch_size, key, *, stochastic,
     if stochastic:
       correct = parallel.to_numpy(jnp.argmax(draw_probs, -1) == batch['label'][None])
       per_draw.append(correct[:, mask])
+    tick(sums)
+  tick.finish()
   row = finish_calibration(sums)
   row['ci95'] = wilson_interval(row['accuracy'] * row['n'], row['n'])
   if stochastic:

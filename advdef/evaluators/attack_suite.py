@@ -23,6 +23,12 @@ Attacks, scoring and checks (advdef.evaluators.checks) run data parallel: every 
 split over the devices of the `config.parallel` mesh (advdef.parallel) and the variables are
 replicated.
 
+Each attack row (with its per-example correctness) and each defense's checks are saved as
+they finish, in <workdir>/eval_results (advdef.evaluators.results); a rerun skips them and
+writes the rows of an uninterrupted run. On a terminal a status line shows the row under
+way, its batches, the rows done of the suite (each defense's checks count as one) and the
+time left (advdef.progress); elsewhere each finished row logs one line.
+
   sections = attack_suite.evaluate(ctx)   # {'rows': [...], 'checks': [...]}
 """
 
@@ -45,6 +51,7 @@ from advdef import retrofit
 from advdef import validate
 from advdef.evaluators import base
 from advdef.evaluators import checks as checks_lib
+from advdef.evaluators import results
 
 RESERVED_ATTACK_ARGS = ('eps', 'norm', 'eot_samples', 'return_success')
 
@@ -203,58 +210,80 @@ def plan_attacks(defense: retrofit.DefenseSpec, attack_specs: tuple[base.AttackS
 class Scorer:
   """Scores inputs with a defense's own decision rule on fresh draws."""
 
-  def __init__(self, model, variables, defense: retrofit.DefenseSpec, num_draws, batch_size,
-               key, mesh=None):
+  def __init__(self, ctx: base.Context, variables, defense: retrofit.DefenseSpec, batch_size,
+               key):
     self.stochastic = defense.stochastic
-    self.logits_fn = retrofit.make_logits_fn(model, variables, defense.hook)
-    self.predict = evaluation.make_predict_fn(self.logits_fn, stochastic=self.stochastic,
-                                              num_draws=num_draws)
+    self.predict = base.predict_program(ctx, variables, defense)
     self.batch_size = batch_size
     self.key = key
-    self.mesh = mesh
+    self.mesh = ctx.mesh
     self.calls = 0
 
-  def __call__(self, images, labels, batches_adv):
+  def next_key(self) -> jax.Array:
+    """The key the next call will score with: fold_in(key, calls + 1)."""
+    return jax.random.fold_in(self.key, self.calls + 1)
+
+  def skip(self, calls: int = 1) -> None:
+    """Advances the keys as if `calls` calls had run (their results were reused), so that
+    later calls score with the keys of an uninterrupted run."""
+    self.calls += calls
+
+  def __call__(self, images, labels, batches_adv, on_batch=None):
+    """Row fields with '_correct': bool[n]. on_batch(done, total): see score_predictions."""
+    key = self.next_key()
     self.calls += 1
     return evaluation.score_predictions(
-        self.predict, images, labels, self.batch_size, jax.random.fold_in(self.key, self.calls),
+        self.predict, images, labels, self.batch_size, key,
         stochastic=self.stochastic, x_override=lambda i, b: batches_adv[i], return_correct=True,
-        mesh=self.mesh)
+        mesh=self.mesh, on_batch=on_batch)
 
 
 class Crafters:
   """Jitted attack runners, compiled once per (attack, hyperparameters, crafting model).
 
-  Epsilon is a traced argument, so sweeping eval.epsilons never recompiles.
+  One instance serves every defense of the suite, so an attack crafted on the same model
+  (e.g. transfer from the undefended model) compiles once. Epsilon and the variables are
+  traced arguments: sweeping eval.epsilons never recompiles, and the persistent compilation
+  cache serves equal programs across runs. batch_size: the attack batch (see
+  base.eval_batch_size).
   """
 
-  def __init__(self, model, variables, mesh=None):
+  def __init__(self, model, variables, batch_size, mesh=None):
     self.model, self.variables, self.cache = model, variables, {}
+    self.batch_size = batch_size
     self.mesh = mesh
 
   def shard(self, batch):
     """The batch split over the mesh's devices (unchanged without a mesh)."""
     return batch if self.mesh is None else parallel.shard_batch(batch, self.mesh)
 
+  def compile(self, defense: retrofit.DefenseSpec, fn, name: str):
+    """fn(logits_fn, *args) on `defense`, jitted with the variables as an argument."""
+    return base.jit_with_variables(self.model, self.variables, defense.hook, fn,
+                                   f'{name}_on_{defense.text}')
+
   def get(self, plan: AttackPlan):
     cache_key = (plan.name, plan.craft.text, tuple(sorted(plan.kwargs.items())))
     if cache_key not in self.cache:
-      logits_fn = retrofit.make_logits_fn(self.model, self.variables, plan.craft.hook)
       fn = attacks.ATTACKS[plan.name]
       kwargs = dict(plan.kwargs)
       if plan.min_perturbation:
         kwargs['return_success'] = True
-        run = lambda x, y, k, eps: fn(logits_fn, k, x, y, **kwargs)
+        run = lambda logits_fn, x, y, k, eps: fn(logits_fn, k, x, y, **kwargs)
       else:
-        run = lambda x, y, k, eps: fn(logits_fn, k, x, y, eps=eps, **kwargs)
-      self.cache[cache_key] = jax.jit(run)
+        run = lambda logits_fn, x, y, k, eps: fn(logits_fn, k, x, y, eps=eps, **kwargs)
+      self.cache[cache_key] = self.compile(plan.craft, run, plan.name)
     return self.cache[cache_key]
 
-  def craft(self, plan: AttackPlan, images, labels, batch_size, key, eps):
-    """Runs one attack over the split in padded batches -> (x_adv per batch, success)."""
+  def craft(self, plan: AttackPlan, images, labels, key, eps, on_batch=None):
+    """Runs one attack over the split in padded batches -> (x_adv per batch, success).
+
+    on_batch(done, total) is called as batches finish (evaluation.BatchTicker).
+    """
     run = self.get(plan)
     outs, successes = [], []
-    for i, batch in enumerate(data_lib.eval_batches(images, labels, batch_size)):
+    tick = evaluation.BatchTicker(on_batch, evaluation.num_batches(len(labels), self.batch_size))
+    for i, batch in enumerate(data_lib.eval_batches(images, labels, self.batch_size)):
       mask = np.asarray(batch['mask'])
       batch = self.shard(batch)
       out = run(batch['image'], batch['label'], jax.random.fold_in(key, i),
@@ -263,11 +292,18 @@ class Crafters:
         out, success = out
         successes.append(parallel.to_numpy(success)[mask])
       outs.append(out)
+      tick(out)
+    tick.finish()
     return outs, (np.concatenate(successes) if plan.min_perturbation else None)
 
 
 def evaluate(ctx: base.Context) -> dict[str, Any]:
-  """Attack rows (per defense, attack, epsilon), worst-case rows and checks."""
+  """Attack rows (per defense, attack, epsilon), worst-case rows and checks.
+
+  Each attack row (with its per-example correctness) and each defense's checks are stored as
+  they finish (advdef.evaluators.results); a rerun reuses them and advances the scorer's keys
+  as if it had recomputed them, so its report equals an uninterrupted run's.
+  """
   e = ctx.config.eval
   if not e.attacks and not e.checks:
     return {'rows': [], 'checks': []}
@@ -277,47 +313,96 @@ def evaluate(ctx: base.Context) -> dict[str, Any]:
   images, labels = ctx.images[:n], ctx.labels[:n]
   n = len(labels)
   attack_root, score_root, check_root = jax.random.split(ctx.key('attack_suite'), 3)
+  batch_size = base.eval_batch_size(ctx)
+  crafters = Crafters(ctx.model, variables, batch_size, ctx.mesh)
+  store = results.open_store(ctx)
+  all_plans = [plan_attacks(defense, ctx.plan.attacks, e) for defense in ctx.plan.defenses]
+  # Progress units: every attack row, and each defense's checks as one.
+  total = sum(1 if p.min_perturbation else len(e.epsilons) for plans in all_plans for p in plans)
+  total += len(all_plans) if e.checks else 0
+  done = 0
   rows, checks = [], []
   undefended_rows = None
-  for d_index, defense in enumerate(ctx.plan.defenses):
-    scorer = Scorer(ctx.model, variables, defense, e.num_draws, e.batch_size,
-                    jax.random.fold_in(score_root, d_index), ctx.mesh)
-    crafters = Crafters(ctx.model, variables, ctx.mesh)
-    plans = plan_attacks(defense, ctx.plan.attacks, e)
-    d_rows, per_example = [], {}
-    for a_index, plan in enumerate(plans):
-      eps_list = [None] if plan.min_perturbation else list(e.epsilons)
-      for eps_index, eps in enumerate(eps_list):
-        t0 = time.time()
-        attack_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(
-            attack_root, d_index), a_index), eps_index)
-        adv, success = crafters.craft(plan, images, labels, e.batch_size, attack_key, eps)
-        row = scorer(images, labels, adv)
-        correct = row.pop('_correct')
-        row.pop('calibration_bins', None)
-        norm = plan.kwargs.get('norm', e.norm) if plan.min_perturbation else e.norm
-        row.update(defense=defense.label, attack=plan.label, norm=norm, epsilon=eps,
-                   threat=plan.threat, seconds=time.time() - t0)
-        if scorer.stochastic:
-          row['stochastic'] = True
-        if 'eot_samples' in plan.kwargs:
-          row['eot_samples'] = plan.kwargs['eot_samples']
-        if plan.min_perturbation:
-          row.update(_perturbation_fields(adv, success, correct, images, norm, n))
+  with base.progress('attack_suite') as bar:
+    for d_index, (defense, plans) in enumerate(zip(ctx.plan.defenses, all_plans)):
+      scorer = Scorer(ctx, variables, defense, batch_size, jax.random.fold_in(score_root, d_index))
+      d_rows, per_example = [], {}
+      for a_index, plan in enumerate(plans):
+        eps_list = [None] if plan.min_perturbation else list(e.epsilons)
+        for eps_index, eps in enumerate(eps_list):
+          label = f'{defense.label} | {plan.label} | eps={eps}'
+          attack_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(
+              attack_root, d_index), a_index), eps_index)
+          index = (d_index, a_index, eps_index)
+          entry_key = {'defense': defense.text, 'attack': plan.label, 'name': plan.name,
+                       'kwargs': plan.kwargs, 'craft': plan.craft.text, 'epsilon': eps}
+          prng = {'attack': attack_key, 'score': scorer.next_key()}
+          entry = store.get('attack_suite', index, entry_key, prng)
+          reused = entry is not None
+          if reused:
+            scorer.skip()
+            bar.skip()
+          else:
+            row, correct = _attack_row(e, defense, plan, eps, images, labels, attack_key, scorer,
+                                       crafters, lambda phase, start: base.batch_reporter(
+                                           bar, done, total, label, phase, start, 0.5))
+            entry = store.put('attack_suite', index, entry_key, prng, row, {'correct': correct})
+          row, correct = entry.value, entry.arrays['correct']
+          if not plan.min_perturbation:
+            per_example[(plan.label, eps)] = correct
+          d_rows.append(row)
+          done += 1
+          base.log(f'{label}: accuracy {row["accuracy"]:.3f} ({base.row_seconds(row, reused)}), '
+                   f'{bar.summary(done, total)}', bar)
+      rows += d_rows
+      rows += _worst_case_rows(defense.label, e, per_example, n)
+      if defense.label == 'none':
+        undefended_rows = d_rows
+      if e.checks:
+        check_key = jax.random.fold_in(check_root, d_index)
+        entry_key, prng = {'defense': defense.text}, {'checks': check_key,
+                                                      'score': scorer.next_key()}
+        entry = store.get('checks', (d_index,), entry_key, prng)
+        if entry is not None:
+          scorer.skip(entry.value['scorer_calls'])
+          bar.skip()
         else:
-          per_example[(plan.label, eps)] = correct
-        d_rows.append(row)
-        base.log(f'{defense.label} | {plan.label} | eps={eps}: accuracy '
-                 f'{row["accuracy"]:.3f} ({row["seconds"]:.1f} s)')
-    rows += d_rows
-    rows += _worst_case_rows(defense.label, e, per_example, n)
-    if defense.label == 'none':
-      undefended_rows = d_rows
-    if e.checks:
-      checks += checks_lib.run_checks(
-          e, defense, plans, images, labels, d_rows, per_example, scorer, crafters,
-          jax.random.fold_in(check_root, d_index), undefended_rows)
+          calls = scorer.calls
+          # Checks have several phases of unknown relative cost: no fractional progress.
+          report = lambda phase: base.batch_reporter(bar, done, total, f'{defense.label} checks',
+                                                     phase, share=0.0)
+          d_checks = checks_lib.run_checks(e, defense, plans, images, labels, d_rows,
+                                           per_example, scorer, crafters, check_key,
+                                           undefended_rows, report=report)
+          entry = store.put('checks', (d_index,), entry_key, prng,
+                            {'checks': d_checks, 'scorer_calls': scorer.calls - calls})
+        checks += entry.value['checks']
+        done += 1
+        bar.update(done, total)
   return {'rows': rows, 'checks': checks}
+
+
+def _attack_row(e, defense, plan, eps, images, labels, attack_key, scorer, crafters, report
+                ) -> tuple[dict[str, Any], np.ndarray]:
+  """One attack row and its per-example correctness bool[n]; report(phase, start) gives the
+  on_batch callback of the crafting (first half of the row) and scoring (second half)."""
+  n = len(labels)
+  t0 = time.time()
+  adv, success = crafters.craft(plan, images, labels, attack_key, eps,
+                                on_batch=report('attack', 0.0))
+  row = scorer(images, labels, adv, on_batch=report('scoring', 0.5))
+  correct = row.pop('_correct')
+  row.pop('calibration_bins', None)
+  norm = plan.kwargs.get('norm', e.norm) if plan.min_perturbation else e.norm
+  row.update(defense=defense.label, attack=plan.label, norm=norm, epsilon=eps,
+             threat=plan.threat, seconds=time.time() - t0)
+  if scorer.stochastic:
+    row['stochastic'] = True
+  if 'eot_samples' in plan.kwargs:
+    row['eot_samples'] = plan.kwargs['eot_samples']
+  if plan.min_perturbation:
+    row.update(_perturbation_fields(adv, success, correct, images, norm, n))
+  return row, correct
 
 
 def _perturbation_fields(adv, success, correct, images, norm, n) -> dict[str, Any]:

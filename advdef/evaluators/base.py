@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import re
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -13,6 +15,9 @@ import ml_collections
 import numpy as np
 
 from advdef import attacks
+from advdef import evaluation
+from advdef import parallel
+from advdef import progress as progress_lib
 from advdef import retrofit
 from advdef import rng
 
@@ -60,6 +65,7 @@ class Context:
   images: uint8[N, H, W, C] test images (the first eval.num_examples); labels: int32[N].
   mesh: the data-parallel mesh (advdef.parallel); variables are replicated over it.
   workdir: where evaluators may write files; None on processes other than 0.
+  memo: what evaluators compute once per run and share (the results store's fingerprint).
   """
   config: ml_collections.ConfigDict
   plan: EvalPlan
@@ -69,12 +75,92 @@ class Context:
   labels: np.ndarray
   mesh: jax.sharding.Mesh
   workdir: str | None = None
+  # Jitted programs shared by the evaluators, by name (see jit_with_variables).
+  programs: dict = dataclasses.field(default_factory=dict, repr=False)
+  memo: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   def key(self, evaluator: str) -> jax.Array:
     """The evaluator's own PRNG stream (advdef.rng.EVAL_STREAMS)."""
     return rng.eval_key(self.config.seed, evaluator)
 
 
-def log(message: str) -> None:
+def jit_with_variables(model: nn.Module, variables, hook, fn, name: str = 'evaluate',
+                       programs: dict | None = None):
+  """`fn(logits_fn, *args)` jitted with the variables as an argument -> callable(*args).
+
+  logits_fn is the model with the defense `hook` (advdef.retrofit.make_logits_fn). Closed-over
+  variables would be baked into the program as constants: every compilation would then be
+  specific to these weights, XLA would spend compile time folding them, and the persistent
+  compilation cache could never hit across runs or between evaluators. As an argument, equal
+  programs (the same attack on the same defense and shapes) compile once per machine.
+  `name` names the program in JAX's compile logs and profiles; with `programs` (a dict, e.g.
+  Context.programs) the jitted function is reused by every caller asking for the same name,
+  which must then identify fn and hook (e.g. 'predict16_on_sap(frac=1.0)').
+  """
+  if programs is not None and name in programs:
+    return functools.partial(programs[name], variables)
+
+  def run(v, *args):
+    return fn(retrofit.make_logits_fn(model, v, hook), *args)
+
+  run.__name__ = re.sub(r'\W+', '_', name).strip('_') or 'evaluate'
+  jitted = jax.jit(run)
+  if programs is not None:
+    programs[name] = jitted
+  return functools.partial(jitted, variables)
+
+
+def predict_program(ctx: 'Context', variables, defense: retrofit.DefenseSpec):
+  """predict(x, key) -> (mean_probs, per_draw_probs): the defense's decision rule
+  (advdef.evaluation.predict_probs with eval.num_draws), one program per defense for all
+  evaluators."""
+  num_draws = ctx.config.eval.num_draws
+  return jit_with_variables(
+      ctx.model, variables, defense.hook,
+      lambda logits_fn, x, key: evaluation.predict_probs(
+          logits_fn, x, key, stochastic=defense.stochastic, num_draws=num_draws),
+      f'predict{num_draws}_on_{defense.text}', ctx.programs)
+
+
+def eval_batch_size(ctx: 'Context') -> int:
+  """eval.batch_size, shrunk to the examples attacked (rounded up to the device count).
+
+  Attacks run on eval.num_attack_examples, often fewer than a batch: padding 100 examples to a
+  batch of 200 would double every attack's work. Clean evaluation uses the same batch, so the
+  scoring program compiled for one serves the other.
+  """
+  e = ctx.config.eval
+  n = min(e.num_attack_examples or len(ctx.labels), len(ctx.labels))
+  devices = 1 if ctx.mesh is None else parallel.num_shards(ctx.mesh)
+  return min(e.batch_size, max(devices, -(-n // devices) * devices))
+
+
+def log(message: str, bar: progress_lib.Progress | None = None) -> None:
   # Progress for people watching a long evaluation; absl's INFO is silenced for orbax.
-  print(f'[eval] {message}', file=sys.stderr, flush=True)
+  # With a status line on the terminal, the line goes above it.
+  if bar is not None:
+    bar.write(f'[eval] {message}')
+  else:
+    print(f'[eval] {message}', file=sys.stderr, flush=True)
+
+
+def row_seconds(row: dict[str, Any], reused: bool) -> str:
+  """'6.1 s' for a row's log line; ', reused' when it was read back from eval_results."""
+  return f'{row["seconds"]:.1f} s' + (', reused' if reused else '')
+
+
+def progress(evaluator: str, unit: str = 'rows') -> progress_lib.Progress:
+  """The status line of one evaluator on stderr (advdef.progress): drawn on a terminal, by
+  process 0 only (one line per host would garble a shared console)."""
+  return progress_lib.Progress(f'[eval] {evaluator}', unit=unit,
+                               tty=None if jax.process_index() == 0 else False)
+
+
+def batch_reporter(bar: progress_lib.Progress, done: float, total: int, label: str,
+                   phase: str, start: float = 0.0, share: float = 1.0
+                   ) -> Callable[[int, int], None]:
+  """on_batch(i, n) for an evaluation loop: shows '<phase> batch i/n' under `label`, and
+  counts the unit under way as done + start + share * i / n of `total` (for the estimate)."""
+  def on_batch(i: int, n: int) -> None:
+    bar.update(done + start + share * i / n, total, label, f'{phase} batch {i}/{n}'.strip())
+  return on_batch

@@ -45,7 +45,7 @@ def _check(defense, name, status, detail):
 
 
 def run_checks(e, defense, plans, images, labels, d_rows, per_example, scorer, crafters, key,
-               undefended_rows) -> list[dict]:
+               undefended_rows, report=None) -> list[dict]:
   """The sanity checks for one defense; see the module docstring.
 
   Args:
@@ -53,8 +53,11 @@ def run_checks(e, defense, plans, images, labels, d_rows, per_example, scorer, c
     images, labels: the attacked examples; d_rows: their attack rows; per_example: per
       (attack label, eps) bool[n] robust-correctness; scorer, crafters: the suite's own.
     key: the checks' PRNG key. undefended_rows: the 'none' defense's rows, if evaluated.
+    report: report(phase) -> on_batch(done, total) of a phase's batch loop, for progress
+      displays (evaluators.base.batch_reporter); None shows nothing.
   """
-  spec = defense.text
+  report = report or (lambda phase: None)
+  defense_spec, spec = defense, defense.text
   defense = defense.label
   n = len(labels)
   stochastic = scorer.stochastic
@@ -75,12 +78,13 @@ def run_checks(e, defense, plans, images, labels, d_rows, per_example, scorer, c
 
   main = next((p for p in plans if p.name in base.ITERATIVE_ATTACKS and p.craft.text == spec),
               None)
-  clean_batches = _clean_batches(images, labels, e.batch_size)
+  clean_batches = _clean_batches(images, labels, crafters.batch_size)
 
   # 2. Accuracy near chance at a large epsilon (L-inf 0.5).
   if main is not None and e.norm in LARGE_EPS:
-    adv, _ = crafters.craft(main, images, labels, e.batch_size, next(keys), LARGE_EPS[e.norm])
-    acc = scorer(images, labels, adv)['accuracy']
+    adv, _ = crafters.craft(main, images, labels, next(keys), LARGE_EPS[e.norm],
+                            on_batch=report('large_eps_collapse: attack'))
+    acc = scorer(images, labels, adv, on_batch=report('large_eps_collapse: scoring'))['accuracy']
     chance = 1.0 / max(int(jnp.max(labels)) + 1, 2)
     status = 'pass' if acc <= chance + 0.05 else 'fail'
     out.append(_check(defense, 'large_eps_collapse', status,
@@ -145,8 +149,9 @@ def run_checks(e, defense, plans, images, labels, d_rows, per_example, scorer, c
         doubled[field] = 2 * doubled.get(field, inspect.signature(
             attacks.ATTACKS[main.name]).parameters[field].default)
     twice = dataclasses.replace(main, kwargs=doubled, label=main.label + ' x2')
-    adv, _ = crafters.craft(twice, images, labels, e.batch_size, next(keys), eps)
-    acc2 = scorer(images, labels, adv)['accuracy']
+    adv, _ = crafters.craft(twice, images, labels, next(keys), eps,
+                            on_batch=report('convergence: attack'))
+    acc2 = scorer(images, labels, adv, on_batch=report('convergence: scoring'))['accuracy']
     acc1 = next(r['accuracy'] for r in d_rows if r['attack'] == main.label and
                 r['epsilon'] == eps)
     ok = abs(acc2 - acc1) <= _slack(acc1, n, stochastic)
@@ -155,15 +160,13 @@ def run_checks(e, defense, plans, images, labels, d_rows, per_example, scorer, c
                       f'{main.label} at eps={eps:.4g}: {acc1:.3f}; with {changed}: {acc2:.3f}'))
 
   # 7. Gradient health: share of zero or NaN input gradients (margin loss, one draw).
-  logits_fn = scorer.logits_fn
-  zero, nan, total = 0, 0, 0
   g_key = next(keys)
-
-  @jax.jit
-  def input_grads(x, y, k):
-    return jax.grad(lambda x: jnp.sum(attacks.margin(logits_fn(x, k), y)))(x)
-
-  for i, batch in enumerate(data_lib.eval_batches(images, labels, e.batch_size)):
+  input_grads = crafters.compile(defense_spec, lambda logits_fn, x, y, k: jax.grad(
+      lambda x: jnp.sum(attacks.margin(logits_fn(x, k), y)))(x), 'input_gradients')
+  zero, nan, total = 0, 0, 0
+  on_batch = report('gradient_health')
+  num_batches = len(clean_batches)
+  for i, batch in enumerate(data_lib.eval_batches(images, labels, crafters.batch_size)):
     mask = np.asarray(batch['mask'])
     batch = crafters.shard(batch)
     g = parallel.to_numpy(input_grads(batch['image'], batch['label'],
@@ -172,6 +175,8 @@ def run_checks(e, defense, plans, images, labels, d_rows, per_example, scorer, c
     nan += int(np.sum(~np.all(np.isfinite(g), axis=1)))
     zero += int(np.sum(np.all(g == 0, axis=1)))
     total += len(g)
+    if on_batch:
+      on_batch(i + 1, num_batches)
   status = 'fail' if nan else ('warn' if zero / total > 0.01 else 'pass')
   out.append(_check(defense, 'gradient_health', status,
                     f'{zero / total:.1%} of examples have an all-zero input gradient, '
@@ -180,7 +185,8 @@ def run_checks(e, defense, plans, images, labels, d_rows, per_example, scorer, c
 
   # 8. Randomness detected iff the defense is declared stochastic (AutoAttack: 5 passes).
   x0 = crafters.shard(clean_batches[0])
-  outs = [parallel.to_numpy(jax.jit(logits_fn)(x0, k)) for k in jax.random.split(next(keys), 5)]
+  logits = crafters.compile(defense_spec, lambda logits_fn, x, k: logits_fn(x, k), 'logits')
+  outs = [parallel.to_numpy(logits(x0, k)) for k in jax.random.split(next(keys), 5)]
   varies = any(np.max(np.abs(o - outs[0])) > 1e-4 for o in outs[1:])
   out.append(_check(defense, 'randomness_detected', 'pass' if varies == stochastic else 'fail',
                     f'logits {"vary" if varies else "do not vary"} over 5 passes; the defense is '
@@ -190,17 +196,24 @@ def run_checks(e, defense, plans, images, labels, d_rows, per_example, scorer, c
   if stochastic and main is not None and e.epsilons:
     eps = max(e.epsilons)
     frozen_key = next(keys)
-    frozen_fn = attacks.fixed_randomness(logits_fn, frozen_key)
     fn = attacks.ATTACKS[main.name]
     kwargs = {k: v for k, v in main.kwargs.items() if k != 'eot_samples'}
-    run = jax.jit(lambda x, y, k: fn(frozen_fn, k, x, y, eps=eps, **kwargs))
+
+    def attack_frozen(logits_fn, x, y, k):
+      frozen_fn = attacks.fixed_randomness(logits_fn, frozen_key)
+      x_adv = fn(frozen_fn, k, x, y, eps=eps, **kwargs)
+      return jnp.argmax(frozen_fn(x_adv, None), -1)
+
+    run = crafters.compile(defense_spec, attack_frozen, f'{main.name}_frozen_randomness')
     correct, attack_key = [], next(keys)
-    for i, batch in enumerate(data_lib.eval_batches(images, labels, e.batch_size)):
+    on_batch = report('fixed_randomness: attack')
+    for i, batch in enumerate(data_lib.eval_batches(images, labels, crafters.batch_size)):
       mask = np.asarray(batch['mask'])
       batch = crafters.shard(batch)
-      x_adv = run(batch['image'], batch['label'], jax.random.fold_in(attack_key, i))
-      pred = jnp.argmax(frozen_fn(x_adv, None), -1)
+      pred = run(batch['image'], batch['label'], jax.random.fold_in(attack_key, i))
       correct.append(parallel.to_numpy((pred == batch['label']) & batch['mask'])[mask])
+      if on_batch:
+        on_batch(i + 1, num_batches)
     frozen_acc = float(np.mean(np.concatenate(correct)))
     baseline = None
     if undefended_rows:

@@ -52,6 +52,7 @@ from advdef import retrofit
 from advdef import validate
 from advdef.evaluators import attack_suite
 from advdef.evaluators import base
+from advdef.evaluators import results
 
 # Numeric hyperparameters that can be traced, per defense registry name. Structural ones
 # (placement, sampler, surrogate, sites) change the graph and belong in `fixed`.
@@ -311,20 +312,27 @@ class SweepEvaluator:
       x, y, mask, key = parallel.put((x, y, mask, key), self._replicated)
     return self._fn(self._values, self._variables, x, y, mask, key)
 
-  def counts(self, images_u8, labels, key, batch_size: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Counts over a split in fixed-shape padded batches -> (clean[G], robust[G], n)."""
+  def counts(self, images_u8, labels, key, batch_size: int, on_batch=None
+             ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Counts over a split in fixed-shape padded batches -> (clean[G], robust[G], n).
+
+    on_batch(done, total) is called as batches finish (evaluation.BatchTicker).
+    """
     clean = robust = None
+    tick = evaluation.BatchTicker(on_batch, evaluation.num_batches(len(labels), batch_size))
     for i, batch in enumerate(data_lib.eval_batches(images_u8, labels, batch_size)):
       c, r = self.batch_counts(batch['image'], batch['label'], batch['mask'],
                                jax.random.fold_in(key, i))
       clean = c if clean is None else clean + c
       robust = r if robust is None else robust + r
+      tick(robust)
+    tick.finish()
     return np.asarray(clean), np.asarray(robust), int(labels.shape[0])
 
-  def accuracies(self, images_u8, labels, key, batch_size: int = 256
+  def accuracies(self, images_u8, labels, key, batch_size: int = 256, on_batch=None
                  ) -> tuple[np.ndarray, np.ndarray]:
     """float64[G] clean and robust accuracy over a split (uint8 images, int labels)."""
-    clean, robust, n = self.counts(images_u8, labels, key, batch_size)
+    clean, robust, n = self.counts(images_u8, labels, key, batch_size, on_batch)
     return clean / n, robust / n
 
 
@@ -375,9 +383,23 @@ def evaluate(ctx: base.Context) -> dict[str, Any]:
     return {}
   n = e.num_attack_examples or len(ctx.labels)
   images_u8, labels = ctx.images[:n], np.asarray(ctx.labels[:n]).astype(np.int32)
-  t0 = time.time()
-  evaluator = SweepEvaluator(ctx.model, ctx.variables, spec, devices=list(ctx.mesh.devices.flat))
-  clean, robust = evaluator.accuracies(images_u8, labels, ctx.key('defense_sweep'), e.batch_size)
+  key = ctx.key('defense_sweep')
+  # The whole section is one entry (advdef.evaluators.results): a rerun reuses it.
+  store = results.open_store(ctx)
+  entry_key = {'defense': spec.defense_label, 'param': spec.param, 'values': list(spec.values),
+               'attack': spec.attack_label, 'epsilon': spec.epsilon}
+  entry = store.get('defense_sweep', (), entry_key, {'sweep': key})
+  reused = entry is not None
+  if not reused:
+    t0 = time.time()
+    label = f'{spec.defense_label} over {spec.param} ({len(spec.values)} values)'
+    with base.progress('defense_sweep', unit='sweeps') as bar:
+      evaluator = SweepEvaluator(ctx.model, ctx.variables, spec,
+                                 devices=list(ctx.mesh.devices.flat))
+      clean, robust = evaluator.accuracies(images_u8, labels, key, e.batch_size,
+                                           on_batch=base.batch_reporter(bar, 0, 1, label, ''))
+    entry = store.put('defense_sweep', (), entry_key, {'sweep': key},
+                      {'sweeps': [sweep_row(spec, clean, robust)], 'seconds': time.time() - t0})
   base.log(f'sweep {spec.defense_label} over {spec.param} ({len(spec.values)} values, '
-           f'{spec.attack_label} at eps={spec.epsilon:g}): {time.time() - t0:.1f} s')
-  return {'sweeps': [sweep_row(spec, clean, robust)]}
+           f'{spec.attack_label} at eps={spec.epsilon:g}): {base.row_seconds(entry.value, reused)}')
+  return {'sweeps': entry.value['sweeps']}

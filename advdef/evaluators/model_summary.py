@@ -34,6 +34,7 @@ from advdef import runs
 from advdef import validate
 from advdef.evaluators import attack_suite
 from advdef.evaluators import base
+from advdef.evaluators import results
 
 
 def parse_vulnerability_config(e) -> base.AttackSpec | None:
@@ -71,11 +72,12 @@ def _feature_fn(model, variables):
   return jax.jit(fn)
 
 
-def vulnerability_rows(ctx: base.Context, variables) -> dict[str, Any]:
+def vulnerability_rows(ctx: base.Context, variables, bar=None) -> dict[str, Any]:
   """White-box (and black-box, with a source) vulnerability and accuracy under the attack.
 
   Batches are padded to one shape (one compilation) and split over the run's mesh; the
-  padding rows are masked out of every sum.
+  padding rows are masked out of every sum. bar: an advdef.progress.Progress to show the
+  batches on.
   """
   e = ctx.config.eval
   v, attack = e.vulnerability, ctx.plan.vulnerability
@@ -104,12 +106,15 @@ def vulnerability_rows(ctx: base.Context, variables) -> dict[str, Any]:
       return jnp.sum(jnp.where(mask, per_example, 0.0)), jnp.sum(correct)
 
     total_v, correct = 0.0, 0
+    num_batches = -(-len(images) // e.batch_size)
     for i, batch in enumerate(data_lib.eval_batches(images, labels, e.batch_size)):
       batch = parallel.shard_batch(batch, ctx.mesh)
       v_sum, c = batch_sums(batch['image'], batch['label'], batch['mask'],
                             jax.random.fold_in(key, i))
       total_v += float(v_sum)
       correct += int(c)
+      if bar is not None:
+        bar.update(0, 1, f'{label} vulnerability', f'batch {i + 1}/{num_batches}')
     out[f'{label}_vulnerability'] = total_v / len(images)
     out[f'{label}_accuracy'] = correct / len(images)
   if v.source:
@@ -119,7 +124,28 @@ def vulnerability_rows(ctx: base.Context, variables) -> dict[str, Any]:
 
 def evaluate(ctx: base.Context) -> dict[str, Any]:
   """{'model_summary': the per-model summary}; see the module docstring. Writes
-  pruned_model.npz to the workdir."""
+  pruned_model.npz to the workdir.
+
+  The summary is stored as one entry (advdef.evaluators.results) and reused by a rerun,
+  unless it has a black-box source (whose weights the entry's fingerprint does not cover)
+  or its pruned export has gone from the workdir.
+  """
+  store = results.open_store(ctx)
+  if ctx.config.eval.vulnerability.source:
+    store = results.Store(None, None, active=False)
+  entry_key = {'train_recipe': ctx.config.train.recipe}
+  prng = {'model_summary': ctx.key('model_summary')}
+  entry = store.get('model_summary', (), entry_key, prng, check=lambda entry: os.path.exists(
+      entry.value['model_summary'].get('pruned_export', {}).get('path') or '.'))
+  if entry is None:
+    with base.progress('model_summary', unit='summaries') as bar:
+      entry = store.put('model_summary', (), entry_key, prng, _summary(ctx, bar))
+  else:
+    base.log('model_summary: reused')
+  return entry.value
+
+
+def _summary(ctx: base.Context, bar) -> dict[str, Any]:
   config, model, images, variables = ctx.config, ctx.model, ctx.images, ctx.variables
   params = variables['params']
   summary: dict[str, Any] = {
@@ -142,7 +168,8 @@ def evaluate(ctx: base.Context) -> dict[str, Any]:
     summary.update(pruned_export.count_flops_and_memory(name, active, shape,
                                                         model.num_classes))
   if ctx.plan.vulnerability is not None:
-    summary['vulnerability'] = vulnerability_rows(ctx, parallel.replicate(variables, ctx.mesh))
+    summary['vulnerability'] = vulnerability_rows(ctx, parallel.replicate(variables, ctx.mesh),
+                                                  bar)
   if placement is not None and config.eval.export_pruned and name in pruned_export.PLANS:
     pruned = pruned_export.export_pruned(model, variables)
     x = jnp.asarray(data_lib.to_float(np.asarray(images[:config.eval.batch_size])))
