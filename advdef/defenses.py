@@ -92,10 +92,11 @@ from advdef import validate
 __all__ = [
     'sap', 'sap_bernoulli', 'jump_relu', 'gaussian_noise', 'mc_probabilities', 'mc_predict',
     'per_draw_accuracy_interval', 'check_positive', 'check_nonnegative', 'SAP_GRADIENTS',
-    'JUMP_SURROGATES',
+    'SAP_BPDA_GRADIENT', 'JUMP_SURROGATES',
 ]
 
-SAP_GRADIENTS = ('constant', 'through_scale')
+SAP_GRADIENTS = ('constant', 'through_scale')  # SAP's own gradient, as implementations differ
+SAP_BPDA_GRADIENT = 'identity'  # BPDA's backward pass (a surrogate, not SAP's gradient)
 JUMP_SURROGATES = (None, 'relu', 'sigmoid')
 
 _ONE = 1 << 30            # Fixed-point total mass of one example's categorical.
@@ -286,6 +287,8 @@ def _rescale(x: jax.Array, keep: jax.Array, p: jax.Array, q: jax.Array, gradient
   xf = x.reshape(keep.shape).astype(jnp.float32)
   if gradient == 'constant':
     out = xf * lax.stop_gradient(scale)
+  elif gradient == 'identity':  # BPDA: SAP's values forward (bit for bit), identity backward.
+    out = lax.stop_gradient(xf * scale) + (xf - lax.stop_gradient(xf))
   else:  # 'through_scale': the kept set is constant, the scale follows p(x).
     out = xf * scale
   return out.reshape(x.shape).astype(x.dtype)
@@ -317,6 +320,8 @@ def sap(key: jax.Array, x: jax.Array, *, frac=1.0, gradient: str = 'constant',
     gradient: 'constant' (default, the authors' MXNet operator): the gradient is the mask,
       out = x * stop_gradient(mask). 'through_scale' (the authors' TF port, Athalye et al.): the
       kept set is constant but the scale 1 / (1 - (1 - p)^r) is differentiated through p(x).
+      'identity': BPDA (Athalye et al. 2018; Dhillon & Carlini 2020), the same values with
+      the identity as backward pass (SAP is unbiased, E[sap(x)] = x).
     max_frac: static bound on frac that fixes the number of uniforms drawn per example,
       R_max = floor(max_frac * n); defaults to frac when frac is concrete and to 1.0 when it is
       traced. The cost grows with R_max, not with r.
@@ -326,7 +331,7 @@ def sap(key: jax.Array, x: jax.Array, *, frac=1.0, gradient: str = 'constant',
     give exactly 0; values and gradients are finite everywhere.
   """
   check_positive('frac', frac)
-  _check_choice('gradient', gradient, SAP_GRADIENTS)
+  _check_choice('gradient', gradient, SAP_GRADIENTS + (SAP_BPDA_GRADIENT,))
   if x.ndim < 2:
     raise ValueError(f'x must have a batch axis, shape [B, ...]; got shape {x.shape}')
   n = math.prod(x.shape[1:])
@@ -371,7 +376,7 @@ def sap_bernoulli(key: jax.Array, x: jax.Array, *, frac=1.0,
     Array like x.
   """
   check_positive('frac', frac)
-  _check_choice('gradient', gradient, SAP_GRADIENTS)
+  _check_choice('gradient', gradient, SAP_GRADIENTS + (SAP_BPDA_GRADIENT,))
   if x.ndim < 2:
     raise ValueError(f'x must have a batch axis, shape [B, ...]; got shape {x.shape}')
   n = math.prod(x.shape[1:])

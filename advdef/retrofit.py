@@ -7,9 +7,11 @@ at the matching sites; the model's parameters are untouched.
 
 Registry (faithful placement by default; `sites=<glob>` restricts to matching site names):
   none                       the plain model, bit for bit
-  sap(frac=1.0, placement=relu|conv, gradient=constant|through_scale, sampler=exact|bernoulli)
+  sap(frac=1.0, placement=relu|conv, gradient=constant|through_scale|identity,
+      sampler=exact|bernoulli)
       relu: after every activation (the authors' ResNet-20); conv: after every convolution,
       before BatchNorm (Athalye et al.'s re-implementation). Inference only.
+      gradient=identity is BPDA: SAP's forward values, the identity backward.
   jump(kappa, surrogate=None|relu|sigmoid, temperature=0.1)
       replaces every ReLU at inference; training keeps ReLU (the retrofit idea).
   rse(sigma_init=0.2, sigma_inner=0.1)
@@ -97,7 +99,8 @@ def _sap(frac=1.0, placement='relu', gradient='constant', sampler='exact', max_f
          sites='*'):
   _check('sap.frac', frac, allow_zero=False)
   validate.check_choice('sap.placement', placement, ('relu', 'conv'))
-  validate.check_choice('sap.gradient', gradient, ('constant', 'through_scale'))
+  validate.check_choice('sap.gradient', gradient,
+                        defenses.SAP_GRADIENTS + (defenses.SAP_BPDA_GRADIENT,))
   validate.check_choice('sap.sampler', sampler, ('exact', 'bernoulli'))
   if sampler == 'exact':
     fn = lambda key, x, site: defenses.sap(key, x, frac=frac, gradient=gradient,

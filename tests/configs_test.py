@@ -24,6 +24,8 @@ VARIANTS = {
     'mnist_anp.py': [None, 'recipe=at', 'recipe=trades', 'source=npz,cpu', 'smoke',
                      'recipe=bp,smoke', 'recipe=anp,smoke', 'recipe=anp_vs,smoke',
                      'recipe=anp_vs,cpu,smoke'],
+    # The eval-only experiments need base=<workdir>: tests/reproduce_test.py validates them.
+    'repro_sap.py': [None, 'dense,smoke', 'dense,cpu', 'dense,full', 'adv,full'],
 }
 # The smoke variant of every training recipe of the recipe configs, run end to end in CI.
 SMOKE_RUNS = [

@@ -28,7 +28,8 @@ LAYERS = (
     ('advdef.recipes', 'advdef.training'),
     ('advdef.runs',),
     ('advdef.evaluators',),
-    ('advdef.experiment', 'advdef.sweep', 'advdef.sweep_summary', 'advdef.main', 'advdef'),
+    ('advdef.experiment', 'advdef.sweep', 'advdef.sweep_summary', 'advdef.main',
+     'advdef.reproduce', 'advdef'),
 )
 
 # Function-level imports of advdef that are allowed, each for a reason.

@@ -1,0 +1,36 @@
+"""Paper reproductions: experiments run through advdef's own configs, and RESULTS.md.
+
+`python scripts/reproduce.py --paper=sap --scale=cpu --root=DIR` runs a paper's experiments
+(one config per experiment, configs/repro_<paper>.py) as `python -m advdef.main`
+subprocesses, each in DIR/<paper>/<experiment>, skipping those already finished, and writes
+the paper's section of RESULTS.md (between `<!-- paper:<paper> begin -->` and
+`<!-- paper:<paper> end -->`) with its plots in results/<paper>/.
+
+  frame   the runner, progress and time estimates, the RESULTS.md sections, the verdict
+          rules and the readers of finished runs (reports, per-example results)
+  sap     the SAP paper's section (Dhillon et al., ICLR 2018)
+
+A new paper is a config (configs/repro_<paper>.py with `experiments(scale)` and
+`get_config`), a section renderer `render(runs) -> Section`, and an entry in PAPERS.
+"""
+
+from __future__ import annotations
+
+from advdef.reproduce import frame
+from advdef.reproduce import sap
+
+PAPERS: dict[str, frame.Paper] = {
+    'sap': frame.Paper(name='sap', title='SAP (Dhillon et al., ICLR 2018)',
+                       config='configs/repro_sap.py', render=sap.render),
+}
+# Papers whose reproduction is planned (issues 14 and 15) but not built yet.
+PLANNED = ('rse', 'jumprelu', 'anp')
+
+
+def get_paper(name: str) -> frame.Paper:
+  """The paper's entry; ValueError (one line) for a planned or unknown paper."""
+  if name in PAPERS:
+    return PAPERS[name]
+  if name in PLANNED:
+    raise ValueError(f'--paper={name}: not built yet (planned; built: {", ".join(PAPERS)})')
+  raise ValueError(f'--paper={name}: unknown; valid: {", ".join((*PAPERS, *PLANNED))}')
