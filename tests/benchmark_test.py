@@ -96,11 +96,14 @@ def _check_ratios(report):
   for name in ('resnet20', 'lenet_like'):
     assert _number(f[name]['train_step']['fraction_of_peak'])
     assert _number(f[name]['attack_step']['fraction_of_peak'])
+  anchor = r['sap']['model_pass']['anchor']
+  assert anchor['batch'] == 4 and anchor['median_s'] > 0
 
 
 def _check_targets_and_table(report):
   targets = {t['key']: t for t in report['targets']}
-  assert len(targets) == 8
+  assert len(targets) == 9
+  assert targets['quickstart/cold']['status'] == 'N/A'  # --tiny skips the quick start.
   for key in ('sap/overhead', 'eot/speedup', 'sweep/speedup', 'flops/train_fraction'):
     assert targets[key]['status'] in ('PASS', 'MISS'), targets[key]
     assert _number(targets[key]['value'])
