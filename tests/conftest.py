@@ -28,3 +28,44 @@ def cifar_partial_path():
   if not CIFAR_PARTIAL.exists():
     pytest.skip(f"{CIFAR_PARTIAL} is absent (it ships beside the repo in ../shared/data)")
   return CIFAR_PARTIAL
+
+
+@pytest.fixture
+def run_processes(tmp_path):
+  """Runs a Python script as several cooperating processes of one jax.distributed job.
+
+  run(script_text, argv_of(i, port) -> list[str], num_processes=2, devices_per_process=1,
+      timeout=120) -> [(returncode, combined stdout/stderr)] per process. Every process
+  gets the coordinator's port (a free local one); stragglers are killed on the way out.
+  """
+  import socket
+  import subprocess
+  import sys
+  root = pathlib.Path(__file__).resolve().parents[1]
+
+  def run(script_text, argv_of, num_processes=2, devices_per_process=1, timeout=120):
+    script = tmp_path / 'worker.py'
+    script.write_text(script_text)
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}',
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')]))
+    env.pop('JAX_COORDINATOR_ADDRESS', None)
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script), *map(str, argv_of(i, port))],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for i in range(num_processes)]
+    logs = []
+    try:
+      for proc in procs:
+        logs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+      for proc in procs:
+        if proc.poll() is None:
+          proc.kill()
+          proc.wait()
+    return [(proc.returncode, log) for proc, log in zip(procs, logs)]
+
+  return run

@@ -3,12 +3,8 @@ computes only those and writes the rows and checks of an uninterrupted run; a ch
 config, other weights or other PRNG keys reuse nothing."""
 
 import json
-import os
 import pathlib
 import shutil
-import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -251,29 +247,10 @@ _WORKER = textwrap.dedent('''
 ''')
 
 
-def test_every_process_reuses_what_process_0_stored(tmp_path):
+def test_every_process_reuses_what_process_0_stored(tmp_path, run_processes):
   # Processes that skipped different work would wait forever in each other's collectives.
-  script = tmp_path / 'worker.py'
-  script.write_text(_WORKER)
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
-  env.pop('JAX_COORDINATOR_ADDRESS', None)
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
   workdir = tmp_path / 'workdir'
-  procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(workdir)],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  try:
-    for proc in procs:
-      logs.append(proc.communicate(timeout=120)[0])
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  for i, (proc, log) in enumerate(zip(procs, logs)):
-    assert proc.returncode == 0 and f'ok {i}' in log, f'process {i}:\n{log[-3000:]}'
+  results_of = run_processes(_WORKER, lambda i, port: [i, port, workdir])
+  for i, (returncode, log) in enumerate(results_of):
+    assert returncode == 0 and f'ok {i}' in log, f'process {i}:\n{log[-3000:]}'
   assert len(list((workdir / results.RESULTS_DIR).glob('*.json'))) == 1  # by process 0 alone

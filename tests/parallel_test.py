@@ -7,7 +7,6 @@ tests/conftest.py forces 4 virtual CPU devices (XLA_FLAGS).
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import textwrap
@@ -380,34 +379,12 @@ _WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_train_like_one(mesh, tmp_path):
-  script = tmp_path / 'worker.py'
-  script.write_text(_WORKER)
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
-  env.pop('JAX_COORDINATOR_ADDRESS', None)
-  port, out = _free_port(), tmp_path / 'out.npz'
-  procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(out),
-                             str(tmp_path / 'checkpoints')], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  logs = []
-  try:
-    for proc in procs:
-      logs.append(proc.communicate(timeout=150)[0])
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  for i, (proc, log) in enumerate(zip(procs, logs)):
-    assert proc.returncode == 0, f'process {i}:\n{log[-3000:]}'
+def test_two_processes_train_like_one(mesh, tmp_path, run_processes):
+  out = tmp_path / 'out.npz'
+  results_of = run_processes(_WORKER, lambda i, port: [i, port, out, tmp_path / 'checkpoints'],
+                             devices_per_process=2, timeout=150)
+  for i, (returncode, log) in enumerate(results_of):
+    assert returncode == 0, f'process {i}:\n{log[-3000:]}'
   got = np.load(out)
   assert float(got['total']) == 28.0 and bool(got['restored_equal'])
   # The same computation in this one process on its 4 devices.
