@@ -233,12 +233,18 @@ def fgsm(logits_fn: LogitsFn, key: Array, x: Array, y: Array, *, eps: float,
 
 
 def _apgd_checkpoints(steps: int) -> tuple[np.ndarray, np.ndarray]:
-  """Step-size checkpoints w_j = p_j * steps for p_0 = 0, p_1 = 0.22 and
-  p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), as integer interval lengths.
+  """The step-size checkpoints of the reference implementation (AutoAttack's APGDAttack).
+
+  The paper's checkpoints w_j = p_j * steps, p_0 = 0, p_1 = 0.22 and
+  p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), in the reference's integer form: the
+  first interval is n_iter_2 = max(int(0.22 * steps), 1) steps long, each later one is
+  size_decr = max(int(0.03 * steps), 1) shorter, but never shorter than
+  n_iter_min = max(int(0.06 * steps), 1); a checkpoint is taken whenever an interval
+  ends inside the run (the last one may be the last iteration), none after.
 
   Returns:
     (is_checkpoint bool[steps], interval int32[steps]): iteration i (producing x^(i+1)) ends
-    an interval of length interval[i] iff is_checkpoint[i].
+    an interval of length interval[i] iff is_checkpoint[i] (interval is 0 elsewhere).
   """
   length = max(int(0.22 * steps), 1)
   decrement = max(int(0.03 * steps), 1)
@@ -254,9 +260,40 @@ def _apgd_checkpoints(steps: int) -> tuple[np.ndarray, np.ndarray]:
   return is_checkpoint, interval
 
 
+def _apgd_halving(increases: Array, interval: Array, rho: Array, reduced_prev: Array,
+                  loss_best: Array, loss_best_at_checkpoint: Array) -> Array:
+  """Which examples halve their step at a checkpoint (the reference's two conditions).
+
+  Condition 1 (oscillation): the loss rose in at most rho of the interval's steps,
+  `increases <= rho * interval` (the reference's `check_oscillation` uses `<=`; the
+  paper writes `<`). Condition 2 (stagnation): the step was not halved at the previous
+  checkpoint and the best loss has not improved since, `~reduced_prev &
+  (loss_best_at_checkpoint >= loss_best)` (ties count as no improvement).
+
+  Args:
+    increases: float32[B], how many of the interval's steps raised the loss.
+    interval: the interval's length in steps (scalar).
+    rho: the oscillation threshold in [0, 1] (scalar, traced).
+    reduced_prev: bool[B], whether the step was halved at the previous checkpoint (set
+      before the first one, so condition 2 cannot fire there).
+    loss_best: float32[B], the best loss so far.
+    loss_best_at_checkpoint: float32[B], the best loss at the previous checkpoint (at the
+      start point before the first one).
+
+  Returns:
+    bool[B]: halve the step (and restart from the best point).
+  """
+  oscillating = increases <= rho * interval
+  stagnating = ~reduced_prev & (loss_best_at_checkpoint >= loss_best)
+  return oscillating | stagnating
+
+
 def _apgd_run(grad_fn, key, x, y, eps, step0, rho, alpha, *, steps, norm, random_start):
-  """One APGD run. Returns (x_best_adv, margin_best): per example, the iterate with the
-  largest margin (misclassified if any iterate was) and that margin."""
+  """One APGD run with the steps and step-size rules of the reference's `attack_single_run`.
+
+  Returns (x_best_adv, margin_best): per example, the iterate with the largest margin
+  (misclassified if any iterate was) and that margin.
+  """
   init_key, loop_key = jax.random.split(key)
   x0 = geometry.random_init(init_key, x, eps, norm) if random_start else x
   loss0, logits0, grad0 = grad_fn(x0, y, jax.random.fold_in(loop_key, 0))
@@ -265,13 +302,20 @@ def _apgd_run(grad_fn, key, x, y, eps, step0, rho, alpha, *, steps, norm, random
   is_checkpoint, interval = jnp.asarray(is_checkpoint), jnp.asarray(interval, x.dtype)
   batch = x.shape[:1]
   init = dict(
-      x_cur=x0, x_prev=x0, grad=grad0, loss_cur=loss0,
+      x_cur=x0, x_prev=x0, grad=grad0,
+      # What the next step's loss is compared with to count increases. The reference keeps
+      # a zero-initialised history of the iterates' losses and its first comparison reads
+      # index -1, a row not written yet: the first step counts as an increase iff its loss
+      # is positive, not iff it beats the start point's. Zero here reproduces that.
+      loss_cur=jnp.zeros(batch, x.dtype),
       x_best=x0, grad_best=grad0, loss_best=loss0,
       x_adv=x0, margin_best=margin0,
       eta=jnp.full(batch, step0, x.dtype),
       increases=jnp.zeros(batch, x.dtype),
       loss_best_at_checkpoint=loss0,
-      reduced_at_checkpoint=jnp.zeros(batch, jnp.bool_))
+      # Set before the first checkpoint, as in the reference, so condition 2 (no halving
+      # last time and no improvement since) cannot fire there.
+      reduced_at_checkpoint=jnp.ones(batch, jnp.bool_))
 
   def body(i, s):
     bx = lambda v: geometry.bcast(v, x)
@@ -288,6 +332,8 @@ def _apgd_run(grad_fn, key, x, y, eps, step0, rho, alpha, *, steps, norm, random
     adv = margin_new > s['margin_best']
     s['x_adv'] = jnp.where(bx(adv), x_new, s['x_adv'])
     s['margin_best'] = jnp.maximum(margin_new, s['margin_best'])
+    # Increases are counted between consecutive iterates, whatever happened in between
+    # (a restart at a checkpoint does not change what the next step is compared with).
     s['increases'] = s['increases'] + (loss_new > s['loss_cur']).astype(x.dtype)
     improved = loss_new > s['loss_best']
     s['x_best'] = jnp.where(bx(improved), x_new, s['x_best'])
@@ -295,19 +341,18 @@ def _apgd_run(grad_fn, key, x, y, eps, step0, rho, alpha, *, steps, norm, random
     s['loss_best'] = jnp.where(improved, loss_new, s['loss_best'])
     s['x_prev'], s['x_cur'], s['grad'], s['loss_cur'] = s['x_cur'], x_new, grad_new, loss_new
 
-    # Checkpoint: halve the step where the loss rose in fewer than rho of the interval's
-    # steps (condition 1), or where the step was not halved at the previous checkpoint and
-    # the best loss has not improved since (condition 2); restart those from the best point.
+    # Checkpoint: halve the step of the examples `_apgd_halving` picks and restart them
+    # from their best point with its gradient. As in the reference, nothing else is reset:
+    # the momentum term of the next step is x_best - x_prev (x_prev, the iterate before the
+    # discarded one, is kept), and the next increase is counted against the discarded
+    # iterate's loss (loss_cur), not the best loss.
     at_checkpoint = is_checkpoint[i]
-    condition1 = s['increases'] < rho * interval[i]
-    condition2 = ~s['reduced_at_checkpoint'] & (s['loss_best'] <= s['loss_best_at_checkpoint'])
-    halve = at_checkpoint & (condition1 | condition2)
+    halve = at_checkpoint & _apgd_halving(s['increases'], interval[i], rho,
+                                          s['reduced_at_checkpoint'], s['loss_best'],
+                                          s['loss_best_at_checkpoint'])
     s['eta'] = jnp.where(halve, 0.5 * s['eta'], s['eta'])
     s['x_cur'] = jnp.where(bx(halve), s['x_best'], s['x_cur'])
-    # Momentum restarts from zero at the best point (AutoAttack keeps the stale x_prev).
-    s['x_prev'] = jnp.where(bx(halve), s['x_best'], s['x_prev'])
     s['grad'] = jnp.where(bx(halve), s['grad_best'], s['grad'])
-    s['loss_cur'] = jnp.where(halve, s['loss_best'], s['loss_cur'])
     s['reduced_at_checkpoint'] = jnp.where(at_checkpoint, halve, s['reduced_at_checkpoint'])
     s['loss_best_at_checkpoint'] = jnp.where(at_checkpoint, s['loss_best'],
                                              s['loss_best_at_checkpoint'])
@@ -361,14 +406,35 @@ def apgd(logits_fn: LogitsFn, key: Array, x: Array, y: Array, *, eps: float,
          eot_average: str = 'loss') -> Array:
   """Auto-PGD (Croce & Hein 2020), untargeted, L-inf or L2.
 
-  Gradient steps with momentum `x^{k+1} = P(x^k + a (z^{k+1} - x^k) + (1 - a)(x^k - x^{k-1}))`,
-  `z^{k+1} = P(x^k + eta^k dir(grad))`, initial eta = 2 eps (both norms, as in the authors'
-  code). At checkpoints p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)
-  (fractions of `steps`) the step size of an example is halved, and the example restarts
-  from its best point, if its loss increased in fewer than rho of the interval's steps or
-  if its step was not halved last time and its best loss has not improved since. Each
-  example returns the iterate with the largest margin over all iterates and restarts, i.e.
-  a misclassified one if there ever was one.
+  Follows the authors' reference implementation (AutoAttack, `autoattack/autopgd_base.py`,
+  `APGDAttack.attack_single_run`) in its step and step-size rules, which differ from the
+  paper's Algorithm 1 in the details noted below.
+
+  Step: `x^{k+1} = P(x^k + a (z^{k+1} - x^k) + (1 - a)(x^k - x^{k-1}))`,
+  `z^{k+1} = P(x^k + eta^k dir(grad))`, a = 1 for the first step and `momentum` after;
+  initial eta = 2 eps (both norms). The best point (largest loss, strictly) and its
+  gradient are tracked per example.
+
+  Step-size rules, per example, at the checkpoints (`_apgd_checkpoints`):
+    * Schedule: the paper's p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03,
+      0.06) in the reference's integers: intervals of max(int(0.22 steps), 1) steps, then
+      each max(int(0.03 steps), 1) shorter, down to max(int(0.06 steps), 1).
+    * Increase count: the steps of the interval whose loss is larger than the previous
+      iterate's. The very first step is compared with 0 (the reference reads an unwritten
+      zero row of its loss history there), not with the start point's loss.
+    * Condition 1: the loss rose in at most rho of the interval's steps
+      (`count <= rho * interval`; the paper writes `<`).
+    * Condition 2: the step was not halved at the previous checkpoint and the best loss
+      has not improved since (`best_at_previous_checkpoint >= best`). The "halved at the
+      previous checkpoint" flag starts set, so condition 2 cannot fire at the first one.
+    * Halving: where either condition holds, eta is halved and the iterate and gradient
+      restart from the best point. Nothing else is reset: the next step's momentum term is
+      `x_best - x^{k}` (the iterate before the discarded one) and the next increase is
+      counted against the discarded iterate's loss.
+
+  Output (advdef's choice, not the reference's): each example returns the iterate with the
+  largest margin over all iterates and restarts, i.e. a misclassified one if there ever was
+  one.
 
   Args:
     logits_fn, key, x, y: as for `pgd`.
