@@ -303,24 +303,44 @@ def test_pgd_l2_moves_along_the_gradient():
 # ----------------------------------------------------------------------------------------
 
 
+def _project_l2_box_float64(delta, x, eps):
+  """The Euclidean projection of delta onto {||d||_2 <= eps} and [-x, 1 - x], per example,
+  in float64: d = clip(s * delta) with the largest s in [0, 1] whose norm is <= eps (the
+  norm is monotone in s), found by 100 halvings."""
+  out = np.empty_like(delta)
+  for i in range(len(x)):
+    v, lo, hi = delta[i].ravel(), -x[i].ravel(), 1.0 - x[i].ravel()
+    size = lambda s: np.linalg.norm(np.clip(s * v, lo, hi))
+    s = 1.0
+    if size(1.0) > eps:
+      a, b = 0.0, 1.0
+      for _ in range(100):
+        m = 0.5 * (a + b)
+        a, b = (m, b) if size(m) <= eps else (a, m)
+      s = a
+    out[i] = np.clip(s * v, lo, hi).reshape(x[i].shape)
+  return out
+
+
 def _reference_pgd(logits_fn, x0, x, y, eps, alpha, steps, norm):
-  """Textbook PGD in numpy: ascent step, ball projection, box clip. x0 is the start."""
+  """Textbook PGD in numpy: ascent step, then the exact projection onto the ball and the box
+  (L-inf: clip to both; L2: `_project_l2_box_float64`). x0 is the start."""
 
   @jax.jit
   def grad(x_adv):
     return jax.grad(lambda z: jnp.sum(attacks.cross_entropy(logits_fn(z, None), y)))(x_adv)
 
-  x, x_adv = np.asarray(x, np.float32), np.asarray(x0, np.float32)
+  dtype = np.float32 if norm == 'linf' else np.float64
+  x, x_adv = np.asarray(x, dtype), np.asarray(x0, dtype)
   batch_shape = (len(x),) + (1,) * (x.ndim - 1)
   for _ in range(steps):
-    g = np.asarray(grad(jnp.asarray(x_adv)))
+    g = np.asarray(grad(jnp.asarray(x_adv, jnp.float32)), dtype)
     if norm == 'linf':
       x_adv = np.clip(np.clip(x_adv + alpha * np.sign(g), x - eps, x + eps), 0.0, 1.0)
     else:
       g_norm = np.linalg.norm(g.reshape(len(x), -1), axis=1).reshape(batch_shape)
       delta = x_adv + alpha * g / np.maximum(g_norm, 1e-12) - x
-      d_norm = np.linalg.norm(delta.reshape(len(x), -1), axis=1).reshape(batch_shape)
-      x_adv = np.clip(x + delta * np.minimum(1.0, eps / np.maximum(d_norm, 1e-12)), 0.0, 1.0)
+      x_adv = x + _project_l2_box_float64(delta, x, eps)
   return x_adv
 
 

@@ -63,9 +63,12 @@ Exact constraints
 L-inf results satisfy `|x_adv - x| <= eps` elementwise when the difference and the
 comparison are done in float32 (numpy or JAX) and also against the float64 value of eps:
 the attack clips to the float32 number just below float32(eps) and nudges any coordinate
-whose float32 difference still rounds above it one ulp back towards x. L2 results are
-scaled to at most `eps * (1 - 2**-16)`; the slack absorbs the rounding of the difference and
-of the norm's summation (numpy's pairwise order, float64, ...). The realised norm is then
+whose float32 difference still rounds above it one ulp back towards x. L2 results are the
+Euclidean projection onto the intersection of the ball of radius `eps * (1 - 2**-16)` and
+the box (`geometry.project_l2`: exact to float32, not "scale into the ball, then clip",
+which is not the nearest point when the box binds); the slack absorbs the rounding of the
+difference and of the norm's summation (numpy's pairwise order, float64, ...). The realised
+norm is then
 re-measured once and, where the float32 rounding of `x + delta` pushed it over, scaled to
 `sqrt(n) * 2**-25` below that bound, the most that rounding can add back (n = H * W * C).
 

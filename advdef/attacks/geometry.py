@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from advdef import validate
 from advdef.attacks import losses
@@ -107,21 +108,108 @@ def project_linf(x_adv: Array, x: Array, eps: Array) -> Array:
   return x_adv
 
 
+def _l2_box_scale(v: Array, x: Array, radius: Array, inside: Array) -> Array:
+  """float[B]: the s in [0, 1] with ||clip(s * v, -x, 1 - x)||_2 = radius, per example.
+
+  v, x: float[B, n]; radius: float[B]; inside: bool[B], examples already feasible at s = 1
+  (they get s = 1 and never iterate). With knee_i = (1 - x_i) / v_i for v_i > 0 and
+  -x_i / v_i for v_i < 0 (+inf for v_i = 0), coordinate i is clipped to its face c_i
+  (1 - x_i or -x_i) for s >= knee_i and free (s * v_i) below, so
+  f(s) = ||clip(s v, -x, 1 - x)||^2 = C(s) + s^2 F(s),  C(s) = sum_{knee_i <= s} c_i^2,
+  F(s) = sum_{knee_i > s} v_i^2, continuous and non-decreasing. Starting from s = 0, each
+  iteration solves the quadratic of the current clipped set exactly,
+  s <- sqrt((radius^2 - C(s)) / F(s)). Coordinates that clip between s and the new value are
+  counted as free, which overstates f there, so every iterate is a lower bound on the root
+  (and a feasible point); an iterate that clips nothing new is the root itself. Hence s rises
+  monotonically and stops after at most n + 1 distinct clipped sets (the loop bound); in
+  practice 2-6 iterations (<= 15 for adversarially spread knees). The first iterate,
+  radius / ||v||, is the plain ball scaling. A Newton-like active-set method (cf. Michelot's
+  for the simplex); unlike the sorted breakpoint solve it needs no sort.
+  """
+  n = v.shape[1]
+  pos, neg = v > 0, v < 0
+  safe = jnp.where(pos | neg, v, 1.0)
+  knee = jnp.where(pos, (1.0 - x) / safe, jnp.where(neg, -x / safe, jnp.inf))
+  face_sq = jnp.square(jnp.where(pos, 1.0 - x, x))  # c_i^2 (unused where v_i = 0)
+  free_sq = jnp.square(v)
+  radius_sq = jnp.square(radius)
+
+  def body(state):
+    i, s, _ = state
+    clipped = knee <= s[:, None]
+    fixed = jnp.sum(jnp.where(clipped, face_sq, 0.0), axis=1)
+    free = jnp.sum(jnp.where(clipped, 0.0, free_sq), axis=1)
+    # free == 0: nothing left to scale; f is flat from here on, so s = 1 is the answer.
+    root = jnp.sqrt(jnp.maximum(radius_sq - fixed, 0.0) / jnp.where(free > 0, free, 1.0))
+    s_new = jnp.where(free > 0, root, 1.0)
+    # max: float rounding must not undo progress (the exact sequence is non-decreasing).
+    s_new = jnp.maximum(s, jnp.minimum(s_new, 1.0))
+    return i + 1, s_new, s_new > s
+
+  s0 = jnp.where(inside, 1.0, 0.0).astype(v.dtype)
+  _, s, _ = lax.while_loop(lambda st: (st[0] < n + 2) & jnp.any(st[2]), body,
+                           (jnp.asarray(0), s0, ~inside))
+  return s
+
+
 def project_l2(x_adv: Array, x: Array, eps: Array) -> Array:
-  """Scales x_adv - x into the L2 eps ball (with the documented slack), then clips to the box."""
-  bound = _eps_floor(eps, x.dtype) * (1.0 - _L2_SLACK)
-  # Ball first, then box (the usual order; clipping towards the box, which contains x, only
-  # shrinks |delta_i|). Rounding x + s * delta to float32 moves each coordinate by at most
-  # half an ulp of a number in [0, 1], i.e. 2^-25, so the realised norm can exceed the
-  # intended one by up to sqrt(n) * 2^-25 (which matters for tiny eps). The second pass
-  # re-measures it and, where it is over the bound, aims that much lower; scaling by s <= 1
-  # keeps x + s * delta in the box (convexity), so its re-clip is only a guard.
-  rounding = math.sqrt(math.prod(x.shape[1:])) * 2.0**-25
-  for target in (bound, jnp.maximum(bound - rounding, 0.0)):
-    delta = x_adv - x
-    norm = flat_l2(delta)
-    scale = jnp.where(norm > bound, target / jnp.maximum(norm, TINY), 1.0)
-    x_adv = jnp.clip(x + delta * bcast(scale, x), 0.0, 1.0)
+  """The point of the L2 ball of radius r around x and the [0, 1] box nearest to x_adv.
+
+  r = eps * (1 - 2**-16) (precisely: the float32 number just below float32(eps), times
+  1 - `_L2_SLACK`), so that the result's L2 distance to x, as measured by `flat_l2` in float32
+  (and by numpy in float64, with the slack absorbing the summation order), is <= eps.
+
+  This is the Euclidean projection onto the intersection {||d||_2 <= r} and {x + d in [0, 1]},
+  not "scale into the ball, then clip" (which is only the projection when the box does not
+  bind, and otherwise ends farther from x_adv and strictly inside the ball). With
+  v = x_adv - x, the KKT conditions give d = clip(v / (1 + lam), -x, 1 - x) with lam = 0 when
+  ||clip(v, -x, 1 - x)|| <= r (then the result is clip(x_adv, 0, 1), bit for bit; in
+  particular a point already inside both sets is returned unchanged), and otherwise the unique
+  lam > 0 with ||d|| = r. The scale s = 1 / (1 + lam) is found per example by the finite
+  active-set iteration of `_l2_box_scale` (exact up to float32 rounding of its sums, no sort,
+  no fixed bisection count), and the result is clip(x + s * v, 0, 1).
+
+  Float32 guarantee: rounding x + s * v moves each coordinate by up to half an ulp of a
+  number in [0, 1] (2^-25), and s carries the float32 error of two sums (~1e-7 relative), so
+  the realised norm can land just above r. It is therefore re-measured with `flat_l2`, and
+  where it exceeds r the perturbation is scaled to sqrt(n) * 2^-25 below r, the most that
+  rounding can add back (n = H*W*C; for eps below that this returns x, as eps = 0 does).
+  Scaling by < 1 keeps x + s * delta in the box (convexity), so the re-clip is only a guard;
+  examples not over r are untouched. So the result is the exact projection onto radius r up
+  to float32 rounding, except that an example whose rounded norm came out above r ends up to
+  sqrt(n) * 2^-25 (1.7e-6 for 32x32x3) inside it instead: each coordinate is within ~1e-6 of
+  the float64 projection (tests/projection_test.py checks 1e-5; measured <= 3.4e-7).
+
+  Cost, jit, float32[32, 32, 32, 3], eps = 0.5, this 2-core CPU shared with other jobs (load
+  ~7), 300 interleaved repeats with block_until_ready: median 2.1 ms (min 0.9 ms) when a
+  PGD-like step makes the box bind, 1.8 ms (min 1.2) for a step of 5 * eps, 2.7 ms (min 1.1)
+  when the box never binds, against 0.6-1.0 ms (min 0.3-0.4) for the former ball-then-clip:
+  about 2-3x, i.e. ~1-2 ms per call, small next to a model's forward and backward pass in
+  the attack step. The active-set loop takes 2-4 iterations on such inputs (a sorted
+  breakpoint solve would be exact in one pass, but XLA's CPU sort of [32, 3072] alone costs
+  ~20 ms, and a 40-step bisection ~11 ms).
+
+  Args:
+    x_adv: float32[B, ...], any values.
+    x: float32[B, ...] in [0, 1], the centre.
+    eps: scalar or float32[B], may be traced; >= 0.
+
+  Returns:
+    float32[B, ...] in [0, 1] with flat_l2(result - x) <= eps.
+  """
+  batch = x.shape[0]
+  n = math.prod(x.shape[1:])
+  bound = jnp.broadcast_to(_eps_floor(eps, x.dtype) * (1.0 - _L2_SLACK), (batch,))
+  boxed = jnp.clip(x_adv, 0.0, 1.0)
+  inside = flat_l2(boxed - x) <= bound
+  v = x_adv - x
+  s = _l2_box_scale(v.reshape(batch, n), x.reshape(batch, n), bound, inside)
+  x_adv = jnp.where(bcast(inside, x), boxed, jnp.clip(x + bcast(s, x) * v, 0.0, 1.0))
+  rounding = math.sqrt(n) * 2.0**-25
+  delta = x_adv - x
+  norm = flat_l2(delta)
+  scale = jnp.maximum(bound - rounding, 0.0) / jnp.maximum(norm, TINY)
+  x_adv = jnp.where(bcast(norm > bound, x), jnp.clip(x + delta * bcast(scale, x), 0.0, 1.0), x_adv)
   return x_adv
 
 
