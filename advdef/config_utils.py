@@ -156,6 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_examples=0,           # 0 = the whole test split
       defenses=('none',),
       num_draws=100,            # Monte-Carlo draws for stochastic defenses (SAP used 100)
+      # Also score stochastic defenses with the mean of the first n of those draws, per n
+      # (RSE's ensemble-size study); each n <= num_draws.
+      ensemble_sizes=(),
       attacks=(),               # attack specs, see advdef.evaluators.attack_suite
       norm='linf',
       epsilons=(),
@@ -163,6 +166,9 @@ def base_config() -> ml_collections.ConfigDict:
       eot_samples=10,
       single_draw_baseline=False,  # also attack stochastic defenses with 1 draw per step
       num_attack_examples=0,    # 0 = same as num_examples
+      # Minimum-perturbation attacks (C&W, DeepFool): robust accuracy at each of these
+      # distortion tolerances (in the row's norm, [0, 1] pixel units), judged on fresh draws.
+      tolerances=(),
       checks=True,
       # In-graph sweep of one defense hyperparameter (advdef.evaluators.defense_sweep);
       # defense='' = off.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +157,8 @@ class BatchTicker:
 def score_predictions(predict, images, labels, batch_size, key, *, stochastic,
                       x_override: Callable | None = None,
                       return_correct: bool = False, mesh=None,
-                      on_batch: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                      on_batch: Callable[[int, int], None] | None = None,
+                      ensemble_sizes: Sequence[int] = ()) -> dict[str, Any]:
   """Runs predict over a split and returns the row fields (accuracy, ci95, calibration...).
 
   x_override(batch_index, batch) -> x lets attacked inputs replace the clean ones.
@@ -165,8 +166,13 @@ def score_predictions(predict, images, labels, batch_size, key, *, stochastic,
   prediction, for per-example worst cases. With a mesh, every batch (and x) is split over
   its devices; batch_size must be a multiple of the device count. on_batch(done, total) is
   called as batches finish (BatchTicker), for progress displays.
+  ensemble_sizes (stochastic only): adds 'ensemble', [{'draws': n, 'accuracy', 'ci95'}], the
+  accuracy of the mean softmax of the first n of the same draws (RSE's ensemble-size study;
+  nested, so the sizes share their draws).
   """
   sums, per_draw, correct_all = None, [], []
+  sizes = tuple(int(n) for n in ensemble_sizes) if stochastic else ()
+  ensemble_correct = {n: [] for n in sizes}
   tick = BatchTicker(on_batch, num_batches(images.shape[0], batch_size))
   for i, batch in enumerate(data_lib.eval_batches(images, labels, batch_size)):
     mask = np.asarray(batch['mask'])  # Host copy, before the batch is spread over devices.
@@ -183,12 +189,21 @@ def score_predictions(predict, images, labels, batch_size, key, *, stochastic,
     if stochastic:
       correct = parallel.to_numpy(jnp.argmax(draw_probs, -1) == batch['label'][None])
       per_draw.append(correct[:, mask])
+      for n in sizes:
+        guess = jnp.argmax(jnp.mean(draw_probs[:n], axis=0), -1)
+        ensemble_correct[n].append(parallel.to_numpy(guess == batch['label'])[mask])
     tick(sums)
   tick.finish()
   row = finish_calibration(sums)
   row['ci95'] = wilson_interval(row['accuracy'] * row['n'], row['n'])
   if stochastic:
     row.update(per_draw_summary(np.concatenate(per_draw, axis=1)))
+  if sizes:
+    row['ensemble'] = []
+    for n in sizes:
+      c = np.concatenate(ensemble_correct[n])
+      row['ensemble'].append({'draws': n, 'accuracy': float(np.mean(c)),
+                              'ci95': wilson_interval(float(np.sum(c)), len(c))})
   if return_correct:
     row['_correct'] = np.concatenate(correct_all)
   return row

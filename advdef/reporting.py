@@ -58,7 +58,7 @@ _REQUIRED_ROW_KEYS = ('defense', 'attack', 'norm', 'epsilon', 'accuracy', 'ci95'
 _OPTIONAL_ROW_KEYS = ('per_draw_accuracy', 'per_draw_ci95', 'num_draws', 'nll', 'ece', 'brier',
                       'calibration_bins', 'median_perturbation', 'median_relative_perturbation',
                       'worst_case', 'attacks', 'seconds', 'stochastic', 'threat', 'eot_samples',
-                      'success_rate')
+                      'success_rate', 'attack_success_rate', 'ensemble', 'tolerance_curve')
 _CHECK_KEYS = ('defense', 'name', 'status', 'detail')
 _SWEEP_KEYS = ('defense', 'param', 'values', 'clean_accuracy', 'robust_accuracy', 'attack',
                'epsilon')
@@ -431,6 +431,26 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     worst = sorted(worst, key=lambda r: (r['defense'], _norm_key(r['norm']), _epsilon_order(r)))
     out.append(_rows_table(worst, ('defense', 'norm', 'ε', 'accuracy', '95% CI', 'n', 'attacks'),
                            [_DRAW_COLUMNS]))
+
+  curves = [r for r in attacked if r.get('tolerance_curve')]
+  if curves:
+    out.append('## Accuracy within a distortion tolerance\n')
+    out.append('Minimum-perturbation attacks: an example counts as broken at tolerance t only if '
+               "its adversarial example, within t, fools the defense's decision rule on fresh "
+               'draws.\n')
+    out.append(format_table(
+        [[r['defense'], r['attack'], r['norm'], _format_cell(p['tolerance']), _pct(p['accuracy']),
+          _ci(p['ci95'])] for r in curves for p in r['tolerance_curve']],
+        ['defense', 'attack', 'norm', 'tolerance', 'accuracy', '95% CI']))
+
+  ensembles = [r for r in rows if r.get('ensemble')]
+  if ensembles:
+    out.append('## Ensemble size\n')
+    out.append('Accuracy of the mean softmax of the first n Monte-Carlo draws.\n')
+    out.append(format_table(
+        [[r['defense'], r['attack'], _eps(r['epsilon']) if r['epsilon'] is not None else _EMPTY,
+          p['draws'], _pct(p['accuracy']), _ci(p['ci95'])] for r in ensembles
+         for p in r['ensemble']], ['defense', 'attack', 'ε', 'draws', 'accuracy', '95% CI']))
 
   if report['checks']:
     out.append('## Checks\n')

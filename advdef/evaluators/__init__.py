@@ -46,6 +46,13 @@ def parse_eval_config(e) -> base.EvalPlan:
   validate.check_positive('eval.batch_size', e.batch_size, integer=True)
   validate.check_positive('eval.num_examples', e.num_examples, allow_zero=True, integer=True)
   validate.check_positive('eval.num_draws', e.num_draws, integer=True)
+  for i, n in enumerate(e.ensemble_sizes):
+    validate.check_positive(f'eval.ensemble_sizes[{i}]', n, integer=True)
+    if n > e.num_draws:
+      raise ValueError(f'eval.ensemble_sizes[{i}]={n} exceeds eval.num_draws={e.num_draws}; '
+                       'the ensembles are the first n of those draws')
+  for i, t in enumerate(e.tolerances):
+    validate.check_positive(f'eval.tolerances[{i}]', t, allow_zero=True)
   if not e.defenses:
     raise ValueError("eval.defenses is empty; list at least one defense spec, e.g. ('none',)")
   defenses = tuple(retrofit.parse_defense(spec, field=f'eval.defenses[{i}]')

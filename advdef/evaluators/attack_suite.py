@@ -9,6 +9,8 @@ the defense (`eval.adaptive`):
     `eval.single_draw_baseline`; Square uses one draw per query;
   - JumpReLU: white-box through the exact gradient, BPDA through ReLU's gradient (`+bpda`),
     and transfer from kappa = 0, the paper's gray-box setting (`+transfer(none)`);
+  - SAP: the first iterative gradient attack also runs with BPDA (`+bpda`: SAP's forward pass, the
+    identity as the mask's backward pass, with EOT), as Dhillon & Carlini's erratum attack;
   - every defended model: transfer from the undefended model for the first gradient attack.
 Adversarial examples are always scored with the defense's own decision rule on fresh draws
 (Monte-Carlo average of `eval.num_draws` softmaxes for stochastic defenses); attack keys
@@ -45,6 +47,7 @@ import numpy as np
 from advdef import attacks
 from advdef import config_utils
 from advdef import data as data_lib
+from advdef import defenses
 from advdef import evaluation
 from advdef import parallel
 from advdef import retrofit
@@ -141,19 +144,25 @@ def check_attack_call(label: str, name: str, kwargs: dict) -> None:
     raise ValueError(f'{label}: {err}') from None
 
 
+def _has_jump(spec: str) -> bool:
+  return any(n == 'jump' for n, _ in config_utils.parse_spec(spec))
+
+
 def _with_surrogate(spec: str) -> str | None:
-  """The BPDA version of a spec containing jump(...): ReLU's gradient in the backward pass."""
+  """The BPDA version of a spec: ReLU's gradient through jump(...) and the identity through
+  sap(...)'s mask in the backward pass (the forward pass unchanged); None when the spec has
+  neither, or already uses those surrogates."""
   parsed = config_utils.parse_spec(spec)
-  if not any(n == 'jump' for n, _ in parsed):
-    return None
-  parts = []
+  parts, changed = [], False
   for name, kwargs in parsed:
     if name == 'jump' and kwargs.get('surrogate') is None:
-      kwargs = dict(kwargs, surrogate='relu')
+      kwargs, changed = dict(kwargs, surrogate='relu'), True
+    elif name == 'sap' and kwargs.get('gradient', 'constant') != defenses.SAP_BPDA_GRADIENT:
+      kwargs, changed = dict(kwargs, gradient=defenses.SAP_BPDA_GRADIENT), True
     args = ', '.join(f'{k}={v!r}' if isinstance(v, str) else f'{k}={v}'
                      for k, v in kwargs.items())
     parts.append(f'{name}({args})' if args else name)
-  return ' + '.join(parts)
+  return ' + '.join(parts) if changed else None
 
 
 def _without_jump(spec: str) -> str:
@@ -171,10 +180,26 @@ def plan_attacks(defense: retrofit.DefenseSpec, attack_specs: tuple[base.AttackS
   spec = defense.text
   bpda_text = _with_surrogate(spec) if e.adaptive else None
   bpda = retrofit.parse_defense(bpda_text) if bpda_text else None
-  plans, first_gradient = [], True
+  jump = _has_jump(spec)
+  # JumpReLU: BPDA for every gradient attack (cheap, and its exact gradient is zero almost
+  # everywhere near the jump); SAP: for the first iterative fixed-budget one only, with EOT
+  # (it doubles SAP's cost, and SAP's own gradient is already informative).
+  sap_to_bpda = any(n == 'sap' and k.get('gradient', 'constant') != defenses.SAP_BPDA_GRADIENT
+                    for n, k in config_utils.parse_spec(spec))
+  bpda_threat = 'BPDA (' + ' and '.join((['ReLU gradient'] if jump else [])
+                                        + (['identity through the SAP mask'] if sap_to_bpda
+                                           else [])) + ')'
+  plans, first_gradient, kinds_seen = [], True, set()
   for a in attack_specs:
     name = a.name
     gradient = name in base.GRADIENT_ATTACKS
+    # Transfer (and SAP's BPDA) go with the first gradient attack of each kind, fixed-budget
+    # and minimum-perturbation, so that listing C&W first does not drop PGD's transfer row.
+    kind = 'min' if name in base.MIN_PERTURBATION_ATTACKS else 'budget'
+    first_of_kind = gradient and kind not in kinds_seen
+    first_iterative = gradient and kind == 'budget' and name != 'fgsm' and not any(
+        p.name not in ('fgsm', *base.MIN_PERTURBATION_ATTACKS) and p.gradient_based
+        for p in plans)
     kw = dict(a.kwargs)
     if name in base.MIN_PERTURBATION_ATTACKS:
       kw['norm'] = _attack_norm(name, e.norm)
@@ -190,13 +215,17 @@ def plan_attacks(defense: retrofit.DefenseSpec, attack_specs: tuple[base.AttackS
                               f'white-box EOT-{k}', a.label, gradient))
     else:
       plans.append(AttackPlan(a.label, name, kw, defense, 'white-box', a.label, gradient))
-    if gradient and bpda:
-      plans.append(AttackPlan(f'{a.label}+bpda', name, kw, bpda, 'BPDA (ReLU gradient)',
-                              a.label, gradient))
-    if gradient and first_gradient and e.adaptive and spec != 'none' and \
-        name not in base.MIN_PERTURBATION_ATTACKS:
-      source = retrofit.parse_defense(_without_jump(spec) if bpda else 'none')
-      label = 'kappa=0' if bpda else 'none'
+    if gradient and bpda and (jump or first_iterative):
+      bkw = dict(kw)
+      if bpda.stochastic and base.accepts(name, 'eot_samples') and name != 'autoattack_rand':
+        bkw['eot_samples'] = e.eot_samples
+      plans.append(AttackPlan(f'{a.label}+bpda', name, bkw, bpda, bpda_threat, a.label,
+                              gradient))
+    if first_of_kind and e.adaptive and spec != 'none':
+      # The gray-box / transfer threat: crafted on the model without the defense, scored on
+      # the defense (minimum-perturbation attacks too: their norms are the crafted ones).
+      source = retrofit.parse_defense(_without_jump(spec) if jump else 'none')
+      label = 'kappa=0' if jump else 'none'
       skw = dict(kw)
       if source.stochastic and base.accepts(name, 'eot_samples'):
         skw['eot_samples'] = e.eot_samples
@@ -204,6 +233,7 @@ def plan_attacks(defense: retrofit.DefenseSpec, attack_specs: tuple[base.AttackS
                               f'transfer from {source.text}', a.label, gradient))
     if gradient:
       first_gradient = False
+      kinds_seen.add(kind)
   return plans
 
 
@@ -217,6 +247,7 @@ class Scorer:
     self.batch_size = batch_size
     self.key = key
     self.mesh = ctx.mesh
+    self.ensemble_sizes = tuple(ctx.config.eval.ensemble_sizes)
     self.calls = 0
 
   def next_key(self) -> jax.Array:
@@ -235,7 +266,7 @@ class Scorer:
     return evaluation.score_predictions(
         self.predict, images, labels, self.batch_size, key,
         stochastic=self.stochastic, x_override=lambda i, b: batches_adv[i], return_correct=True,
-        mesh=self.mesh, on_batch=on_batch)
+        mesh=self.mesh, on_batch=on_batch, ensemble_sizes=self.ensemble_sizes)
 
 
 class Crafters:
@@ -343,10 +374,10 @@ def evaluate(ctx: base.Context) -> dict[str, Any]:
             scorer.skip()
             bar.skip()
           else:
-            row, correct = _attack_row(e, defense, plan, eps, images, labels, attack_key, scorer,
-                                       crafters, lambda phase, start: base.batch_reporter(
-                                           bar, done, total, label, phase, start, 0.5))
-            entry = store.put('attack_suite', index, entry_key, prng, row, {'correct': correct})
+            row, arrays = _attack_row(e, defense, plan, eps, images, labels, attack_key, scorer,
+                                      crafters, lambda phase, start: base.batch_reporter(
+                                          bar, done, total, label, phase, start, 0.5))
+            entry = store.put('attack_suite', index, entry_key, prng, row, arrays)
           row, correct = entry.value, entry.arrays['correct']
           if not plan.min_perturbation:
             per_example[(plan.label, eps)] = correct
@@ -383,8 +414,9 @@ def evaluate(ctx: base.Context) -> dict[str, Any]:
 
 
 def _attack_row(e, defense, plan, eps, images, labels, attack_key, scorer, crafters, report
-                ) -> tuple[dict[str, Any], np.ndarray]:
-  """One attack row and its per-example correctness bool[n]; report(phase, start) gives the
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """One attack row and its per-example arrays: 'correct' bool[n] and, for minimum-
+  perturbation attacks, 'perturbation_norm' float32[n]; report(phase, start) gives the
   on_batch callback of the crafting (first half of the row) and scoring (second half)."""
   n = len(labels)
   t0 = time.time()
@@ -400,21 +432,46 @@ def _attack_row(e, defense, plan, eps, images, labels, attack_key, scorer, craft
     row['stochastic'] = True
   if 'eot_samples' in plan.kwargs:
     row['eot_samples'] = plan.kwargs['eot_samples']
+  arrays = {'correct': correct}
   if plan.min_perturbation:
-    row.update(_perturbation_fields(adv, success, correct, images, norm, n))
-  return row, correct
+    fields, arrays['perturbation_norm'] = _perturbation_fields(adv, success, correct, images,
+                                                               norm, n, e.tolerances)
+    row.update(fields)
+  return row, arrays
 
 
-def _perturbation_fields(adv, success, correct, images, norm, n) -> dict[str, Any]:
-  """Success rate and median (relative) perturbation norms of a minimum-perturbation attack."""
+def _perturbation_fields(adv, success, correct, images, norm, n, tolerances
+                         ) -> tuple[dict[str, Any], np.ndarray]:
+  """A minimum-perturbation row's fields and per-example norms float32[n].
+
+  Judged like every row, by the defense's own decision rule on fresh draws: an example is
+  broken when the scorer misclassifies its adversarial example (`correct` False), at the
+  distortion ||x_adv - x|| in `norm` ([0, 1] pixels; 0 where the attack returned x because
+  the clean image is already misclassified). At tolerance t the robust accuracy counts an
+  example as broken only if it is broken at distortion <= t ('tolerance_curve', RSE's
+  metric). `attack_success_rate` is what the attack itself claimed (on its own draws, for a
+  stochastic defense): its gap to `success_rate` is how much judging on the attack's own
+  noise would overstate the attack.
+  """
   x_adv = np.concatenate([parallel.to_numpy(a) for a in adv])[:n]
   x = data_lib.to_float(np.asarray(images))
-  norms = np.asarray(attacks.perturbation_norms(x, x_adv, norm))
+  norms = np.asarray(attacks.perturbation_norms(x, x_adv, norm), np.float32)
   rel = np.asarray(attacks.relative_perturbation_norms(x, x_adv, norm))
-  ok = success if success is not None else ~correct
-  return {'success_rate': float(np.mean(ok)),
-          'median_perturbation': float(np.median(norms[ok])) if ok.any() else None,
-          'median_relative_perturbation': float(np.median(rel[ok])) if ok.any() else None}
+  broken = ~np.asarray(correct, bool)
+  fields = {'success_rate': float(np.mean(broken)),
+            'median_perturbation': float(np.median(norms[broken])) if broken.any() else None,
+            'median_relative_perturbation':
+                float(np.median(rel[broken])) if broken.any() else None}
+  if success is not None:
+    fields['attack_success_rate'] = float(np.mean(success))
+  if len(tolerances):
+    curve = []
+    for t in tolerances:
+      robust = float(np.mean(~(broken & (norms <= t))))
+      curve.append({'tolerance': float(t), 'accuracy': robust,
+                    'ci95': evaluation.wilson_interval(robust * n, n)})
+    fields['tolerance_curve'] = curve
+  return fields, norms
 
 
 def _worst_case_rows(defense, e, per_example, n) -> list[dict]:

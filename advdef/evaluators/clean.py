@@ -40,7 +40,7 @@ def evaluate(ctx: base.Context) -> dict[str, Any]:
         predict = base.predict_program(ctx, variables, defense)
         row = evaluation.score_predictions(
             predict, ctx.images, ctx.labels, base.eval_batch_size(ctx), row_key,
-            stochastic=defense.stochastic, mesh=ctx.mesh,
+            stochastic=defense.stochastic, mesh=ctx.mesh, ensemble_sizes=e.ensemble_sizes,
             on_batch=base.batch_reporter(bar, d_index, len(defenses), defense.label, 'scoring'))
         row.update(defense=defense.label, attack='none', norm=None, epsilon=None,
                    stochastic=defense.stochastic, seconds=time.time() - t0)
