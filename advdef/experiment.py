@@ -82,6 +82,12 @@ def validate_config(config) -> Config:
   train_defense = retrofit.parse_defense(t.defense, field='train.defense')
   recipe = recipes.parse_recipe(t.recipe)
   recipe.placement(config.model.name)  # ANP/BP on a model without a default placement
+  head_dropout = (config.model.kwargs or {}).get('head_dropout', 0.5)
+  if recipe.uses_masks and config.model.name == 'vgg16_anp' and head_dropout != 0:
+    # The authors' Beta-Bernoulli mode (ANP, ANP-VS, BP) skips the head dropouts.
+    raise ValueError(f'train.recipe={recipe.name} on vgg16_anp needs '
+                     f'model.kwargs.head_dropout=0.0 (got {head_dropout}): the ANP-VS code '
+                     'turns the two head dropouts off for ANP and BP training')
   if t.init_from and not os.path.exists(t.init_from):
     raise ValueError(f'train.init_from={t.init_from!r} does not exist; give the workdir of a '
                      'trained run of the same model and data, or leave it empty')

@@ -17,6 +17,10 @@ Site kinds:
   conv_in   input of a convolution (RSE noise); `is_model_input` marks the first one
   conv_out  output of a convolution, before BatchNorm (Athalye's SAP placement, ANP masks)
   dense_in  input of a dense layer (ANP masks on LeNet-5-Caffe)
+  latent    a tensor that is one of the model's latent features without being an
+            activation's output; identity for every hook but the feature capture
+            (advdef.pruning), which records it with the activations. Only vgg16_anp has
+            one: fc1_out, fc1's output before BatchNorm (ANP-VS's VS term reads it).
 
 Usage:
   model = models.create_model('lenet_like', num_classes=10, mean=(0.13,), std=(0.31,))
@@ -36,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-SITE_KINDS = ('act', 'conv_in', 'conv_out', 'dense_in')
+SITE_KINDS = ('act', 'conv_in', 'conv_out', 'dense_in', 'latent')
 NORMALIZATIONS = ('dataset', 'none', 'per_image')
 
 Hook = Callable[['Site', jax.Array], jax.Array]
@@ -311,15 +315,32 @@ class VGG16(_Base):
   """CIFAR VGG-16: 13 blocks of conv3 (bias) -> BN -> act with 5 max pools.
 
   head='rse' (default): global average pool -> fc, no dropout, as in RSE's vgg_rse.py.
-  head='anp': the ANP-VS network: dropout after non-pooled blocks, flatten(512) -> dropout 0.5
-  -> fc512 -> BN -> act -> dropout 0.5 -> fc (BN momentum 0.99, eps 1e-3 as in its TF code).
+  head='anp': the ANP-VS network (Madaan et al.'s src/model/vgg.py): dropout 0.3/0.4 after
+  the blocks not followed by a pool, flatten(512) -> dropout(head_dropout) -> fc1 (512) ->
+  BN -> act -> dropout(head_dropout) -> fc2 (BN momentum 0.99, eps 1e-3 as in its TF code).
+  head_dropout: the rate of those two head dropouts (head='anp' only). The authors apply
+  them only in their 'base' mode (`tf.layers.dropout(x, 0.5, training=train) if mode ==
+  'base' else x`), i.e. for the standard and AT models, and skip them in the Beta-Bernoulli
+  'bbd' mode that trains ANP, ANP-VS and BP, while the conv dropouts stay on in every mode.
+  So 0.5 (the default) for standard / AT training, and 0.0 for the anp and bp recipes
+  (model.kwargs.head_dropout=0.0). Dropout is off in eval mode whatever the rate.
+  Latent features (head='anp'): the 13 act sites, then fc1_out (a 'latent' site: fc1's
+  output before BN), then act14, the 15 tensors of the authors' VS term, in their order.
+  width_divisor: every conv's channels divided by it (1: the paper's 64..512; 4: 16..128, the
+  reproductions' CPU-scale network, about 16x fewer FLOPs).
   """
   head: str = 'rse'
+  width_divisor: int = 1
+  head_dropout: float = 0.5
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     if self.head not in ('rse', 'anp'):
       raise ValueError(f"model.head={self.head!r}; valid choices: ('rse', 'anp')")
+    if self.width_divisor not in (1, 2, 4, 8):
+      raise ValueError(f'model.width_divisor={self.width_divisor!r}; valid choices: 1, 2, 4, 8')
+    if not 0.0 <= self.head_dropout < 1.0:
+      raise ValueError(f'model.head_dropout={self.head_dropout!r} must be in [0, 1)')
     anp = self.head == 'anp'
     bn = functools.partial(_bn, train, momentum=0.99 if anp else 0.9,
                            epsilon=1e-3 if anp else 1e-5)
@@ -330,16 +351,18 @@ class VGG16(_Base):
         x = _max_pool(x)
         continue
       block += 1
-      x = self.conv(v, 3, x, f'conv{block}', use_bias=True, first=block == 1)
+      x = self.conv(v // self.width_divisor, 3, x, f'conv{block}', use_bias=True,
+                    first=block == 1)
       x = self.site('act', bn(f'bn{block}')(x), f'act{block}')
       rate = _ANP_DROPOUT[block - 1]
       if anp and rate is not None:
         x = nn.Dropout(rate, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1)) if anp else jnp.mean(x, axis=(1, 2))
     if anp:
-      x = nn.Dropout(0.5, deterministic=not train)(x)
-      x = self.site('act', bn('bn14')(self.dense(512, x, 'fc1')), 'act14')
-      x = nn.Dropout(0.5, deterministic=not train)(x)
+      x = nn.Dropout(self.head_dropout, deterministic=not train)(x)
+      x = self.site('latent', self.dense(512, x, 'fc1'), 'fc1_out')
+      x = self.site('act', bn('bn14')(x), 'act14')
+      x = nn.Dropout(self.head_dropout, deterministic=not train)(x)
       return self.dense(self.num_classes, x, 'fc2')
     return self.dense(self.num_classes, x, 'fc')
 

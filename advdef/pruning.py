@@ -245,10 +245,13 @@ def mask_transforms(placement: Placement, *, training: bool,
 
 
 def feature_capture_transforms() -> list[retrofit.SiteTransform]:
-  """Sows every activation's output into 'intermediates' (the latent features of the VS term
-  and of the vulnerability metric). Apply with mutable=['intermediates']."""
-  return [retrofit.SiteTransform('capture', 'post_act', _capture, stochastic=False,
-                                 in_training=True)]
+  """Sows every activation's output, and every 'latent' site's tensor, into 'intermediates',
+  in call order: the latent features of the VS term and of the vulnerability metric, as the
+  authors' `temp_x` lists them (LeNet-5-Caffe: its 3 activations; vgg16_anp: its 13 conv
+  activations, fc1's output before BN, then act14, 15 tensors). Masks are never placed at
+  'latent' sites. Apply with mutable=['intermediates']."""
+  return [retrofit.SiteTransform('capture', stage, _capture, stochastic=False,
+                                 in_training=True) for stage in ('post_act', 'latent')]
 
 
 def mask_hook(placement: Placement | None, *, training: bool,
@@ -260,7 +263,11 @@ def mask_hook(placement: Placement | None, *, training: bool,
 
 
 def latent_features(intermediates) -> list[jax.Array]:
-  """The sown features, in call order, from an 'intermediates' collection."""
+  """The sown features, in call order, from an 'intermediates' collection.
+
+  Call it on the collection `apply` returns, inside the traced function: a dict that has
+  been through jax.jit's outputs comes back with its keys sorted (act10 before act2).
+  """
   leaves = []
   for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates)).items():
     if path[-1] == 'latent':
