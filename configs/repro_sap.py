@@ -38,8 +38,9 @@ Scales:
   cpu    ../shared/data/cifar10_partial.npz (4,660 train / 846 test real images), ResNet-20
          for 10 epochs (batch 128, lr 0.1, x0.1 at 2/3 and 13/15 of the run, the paper's
          schedule shape); 100 test images attacked, 8 gradient samples, 8 prediction draws,
-         10-step EOT-PGD with 8 draws; estimated 39 minutes on 2 quiet CPU cores, 66 on
-         one effective core (`scripts/reproduce.py --paper=sap --scale=cpu --list`)
+         10-step EOT-PGD with 8 draws; estimated 47 minutes on 2 quiet CPU cores, 79 on
+         one effective core (`scripts/reproduce.py --paper=sap --scale=cpu --list`); the
+         suite's own BPDA row for SAP (added after the runs in RESULTS.md) is about 8 of them
   full   the paper's setting: TFDS cifar10 (50,000 / 10,000), 150 epochs, batch 512, lr 0.5
          (x0.1 at 100 and 130); FGSM on the whole test set with 100 gradient samples and
          100 prediction draws; the adaptive suite on 1,000 images (100 steps, 20 draws;

@@ -25,7 +25,7 @@ sys.path.insert(0, REPO)
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--paper', required=True, help='sap (rse, jumprelu, anp: not built yet)')
+  parser.add_argument('--paper', required=True, help='sap | rse (jumprelu, anp: not built yet)')
   parser.add_argument('--scale', default='cpu', help='smoke | cpu | full (default cpu)')
   parser.add_argument('--root', help='the directory of the runs (ROOT/<paper>/<experiment>)')
   parser.add_argument('--results', default=os.path.join(REPO, 'RESULTS.md'),

@@ -26,6 +26,7 @@ VARIANTS = {
                      'recipe=anp_vs,cpu,smoke'],
     # The eval-only experiments need base=<workdir>: tests/reproduce_test.py validates them.
     'repro_sap.py': [None, 'dense,smoke', 'dense,cpu', 'dense,full', 'adv,full'],
+    'repro_rse.py': [None, 'plain,smoke', 'plain,cpu', 'rse,cpu', 'pgd_at,cpu', 'pgd_at,full'],
 }
 # The smoke variant of every training recipe of the recipe configs, run end to end in CI.
 SMOKE_RUNS = [

@@ -1,7 +1,8 @@
-"""scripts/reproduce.py and advdef.reproduce: the smoke scale end to end (runs, RESULTS.md
-section between its markers, plots, a rerun that skips the finished runs), --list, the SAP
-section rendered from synthetic reports (one constructed case per verdict), the verdict
-rules, the configs of every experiment, and SAP's BPDA gradient."""
+"""scripts/reproduce.py and advdef.reproduce: the smoke scale end to end for SAP and RSE (runs,
+RESULTS.md section between its markers, plots, a rerun that skips the finished runs), --list,
+the SAP section rendered from synthetic reports (one constructed case per verdict; RSE's is
+in rse_repro_test.py), the verdict rules, the configs of every experiment of every paper, and
+SAP's BPDA gradient."""
 
 import base64
 import json
@@ -26,6 +27,8 @@ from advdef.reproduce import sap
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'scripts' / 'reproduce.py'
 EPS8 = 8 / 255
+# The documented CPU budget of each paper's runs (configs/repro_<paper>.py), in minutes.
+CPU_BUDGET_MINUTES = {'sap': 50, 'rse': 50}  # the issue's 'about 45 minutes per paper'
 
 
 def _script(*args, timeout=300):
@@ -73,6 +76,48 @@ def test_smoke_scale_end_to_end_then_a_rerun_skips_every_run(tmp_path):
   assert _section(results.read_text(), 'rse') == _section(text, 'rse')
 
 
+def test_rse_smoke_scale_end_to_end_then_a_rerun_skips_every_run(tmp_path):
+  results = tmp_path / 'RESULTS.md'
+  other = '<!-- paper:sap begin -->\nSAP section, kept as it is\n<!-- paper:sap end -->\n'
+  results.write_text('# Reproductions\n\n' + other)
+  root = tmp_path / 'runs'
+  first = _script('--paper=rse', '--scale=smoke', f'--root={root}', f'--results={results}')
+  assert first.returncode == 0, first.stdout + first.stderr
+  lines = [l for l in first.stdout.splitlines() if l.startswith('[rse smoke ')]
+  assert len(lines) == 2 and all('done in' in l for l in lines), lines
+  assert '[rse smoke 1/2] plain' in lines[0] and '[rse smoke 2/2] eval' in lines[1]
+
+  text = results.read_text()
+  assert other.strip() in text
+  section = _section(text, 'rse')
+  assert '### Claims' in section and 'scale `smoke`' in section
+  assert '### C&W L2: accuracy within a distortion tolerance' in section
+  assert ('| model | C&W | t = 0.05 | t = 0.1 | t = 0.2 | t = 0.3 | t = 0.5 | t = 0.75 | t = 1 '
+          '| t = 1.5 | t = 2 | n |') in section
+  assert '| undefended | white-box (and transfer, where run) |' in section
+  assert "| noise at inference | one draw per step (the authors' attack) |" in section
+  assert ('| noise at inference | per-example worst of every C&W row (1 draw, EOT, transfer) and '
+          'of PGD-L2 at t >= its eps |' in section)
+  assert (results.parent / 'results' / 'rse' / 'tolerance.png').stat().st_size > 1000
+  assert '](results/rse/tolerance.png)' in section
+  # The eval run stored the C&W rows' per-example norms beside their correctness.
+  report = json.loads((root / 'rse' / 'eval' / 'report.json').read_text())
+  cw = {(r['defense'], r['attack'].rsplit(')', 1)[1]): r for r in report['rows']
+        if r['attack'].startswith('cw_l2')}
+  rse = 'rse(sigma_init=0.2,sigma_inner=0.1)'
+  assert {('none', ''), (rse, '+1draw'), (rse, '+eot2')} <= set(cw), list(cw)
+  assert all(len(r['tolerance_curve']) == 9 for r in cw.values())
+  reports = {d: (root / 'rse' / d / 'report.json').stat().st_mtime_ns for d in ('plain', 'eval')}
+
+  again = _script('--paper=rse', '--scale=smoke', f'--root={root}', f'--results={results}')
+  assert again.returncode == 0, again.stdout + again.stderr
+  lines = [l for l in again.stdout.splitlines() if l.startswith('[rse smoke ')]
+  assert len(lines) == 2 and all('skipped, finished' in l for l in lines), lines
+  assert {d: (root / 'rse' / d / 'report.json').stat().st_mtime_ns for d in reports} == reports
+  assert _section(results.read_text(), 'rse') == section
+  assert _section(results.read_text(), 'sap') == _section(text, 'sap')
+
+
 def test_list_and_papers_not_built_yet(tmp_path):
   out = _script('--paper=sap', '--scale=cpu', f'--root={tmp_path}', '--list')
   assert out.returncode == 0, out.stderr
@@ -81,25 +126,47 @@ def test_list_and_papers_not_built_yet(tmp_path):
                'bpda_sap100'):
     assert f' {name} ' in out.stdout
   assert f'--config=configs/repro_sap.py:fgsm_sap50,cpu,base={tmp_path}/sap/dense' in out.stdout
-  out = _script('--paper=rse', f'--root={tmp_path}')
+  assert reproduce.PLANNED == ('jumprelu', 'anp')
+  for paper in reproduce.PLANNED:
+    out = _script(f'--paper={paper}', f'--root={tmp_path}')
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f'reproduce: error: --paper={paper}: not built yet (planned; '
+                                  'built: sap, rse)')
+  out = _script('--paper=nope', f'--root={tmp_path}')
   assert out.returncode == 2
-  assert out.stderr.strip() == ('reproduce: error: --paper=rse: not built yet (planned; built: '
-                                'sap)')
+  assert out.stderr.strip() == ('reproduce: error: --paper=nope: unknown; valid: sap, rse, '
+                                'jumprelu, anp')
+
+
+def test_rse_list(tmp_path):
+  out = _script('--paper=rse', '--scale=cpu', f'--root={tmp_path}', '--list')
+  assert out.returncode == 0, out.stderr
+  head = out.stdout.splitlines()[0]
+  assert head.startswith('RSE (Liu et al., ECCV 2018), scale cpu: 9 experiments, estimated ')
+  assert float(head.split('estimated ')[1].split(' min')[0]) <= CPU_BUDGET_MINUTES['rse']
+  for name in ('plain', 'rse', 'pgd_at', 'l2_plain', 'l2_rse', 'l2_pgd_at', 'linf_plain',
+               'linf_rse', 'linf_pgd_at'):
+    assert f' {name} ' in out.stdout
+  assert f'--config=configs/repro_rse.py:l2_pgd_at,cpu,base={tmp_path}/rse/pgd_at' in out.stdout
+  assert f'--config=configs/repro_rse.py:plain,cpu --workdir={tmp_path}/rse/plain' in out.stdout
 
 
 @pytest.mark.parametrize('scale', frame.SCALES)
-def test_every_experiment_config_validates(scale, tmp_path, monkeypatch):
+@pytest.mark.parametrize('paper', sorted(reproduce.PAPERS))
+def test_every_experiment_config_validates(paper, scale, tmp_path, monkeypatch):
   if scale == 'cpu' and not (ROOT.parent / 'shared' / 'data' / 'cifar10_partial.npz').exists():
     pytest.skip('../shared/data is absent')
   monkeypatch.chdir(ROOT)
-  runs = frame.plan(reproduce.get_paper('sap'), scale, str(tmp_path))
+  runs = frame.plan(reproduce.get_paper(paper), scale, str(tmp_path))
   for run in runs.runs:
     for needs in {r.experiment.needs for r in runs.runs if r.experiment.needs}:
       os.makedirs(frame.workdir(str(tmp_path), runs.paper, needs), exist_ok=True)
     experiment.validate_config(run.config)
     assert run.estimate_s > 0
   if scale == 'cpu':  # the documented budget
-    assert sum(r.estimate_s for r in runs.runs) < 45 * 60
+    assert sum(r.estimate_s for r in runs.runs) <= CPU_BUDGET_MINUTES[paper] * 60
+  if paper == 'rse' and scale == 'smoke':
+    assert [r.experiment.name for r in runs.runs] == ['plain', 'eval']
 
 
 def test_a_finished_run_of_another_config_is_refused(tmp_path):

@@ -9,6 +9,7 @@ the paper's section of RESULTS.md (between `<!-- paper:<paper> begin -->` and
   frame   the runner, progress and time estimates, the RESULTS.md sections, the verdict
           rules and the readers of finished runs (reports, per-example results)
   sap     the SAP paper's section (Dhillon et al., ICLR 2018)
+  rse     the RSE paper's section (Liu et al., ECCV 2018)
 
 A new paper is a config (configs/repro_<paper>.py with `experiments(scale)` and
 `get_config`), a section renderer `render(runs) -> Section`, and an entry in PAPERS.
@@ -17,14 +18,17 @@ A new paper is a config (configs/repro_<paper>.py with `experiments(scale)` and
 from __future__ import annotations
 
 from advdef.reproduce import frame
+from advdef.reproduce import rse
 from advdef.reproduce import sap
 
 PAPERS: dict[str, frame.Paper] = {
     'sap': frame.Paper(name='sap', title='SAP (Dhillon et al., ICLR 2018)',
                        config='configs/repro_sap.py', render=sap.render),
+    'rse': frame.Paper(name='rse', title='RSE (Liu et al., ECCV 2018)',
+                       config='configs/repro_rse.py', render=rse.render),
 }
-# Papers whose reproduction is planned (issues 14 and 15) but not built yet.
-PLANNED = ('rse', 'jumprelu', 'anp')
+# Papers whose reproduction is planned (issue 15) but not built yet.
+PLANNED = ('jumprelu', 'anp')
 
 
 def get_paper(name: str) -> frame.Paper:

@@ -55,6 +55,8 @@ ESTIMATE_NOTE = {
     'full': 'for one datacenter GPU, from assumed per-pass costs, not measured: ±3×',
 }
 TIMING_FILE = 'reproduce_run.json'
+_DEFAULTS = reporting.flatten_dict(files.to_jsonable(config_utils.to_dict(
+    config_utils.base_config())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +165,10 @@ def read_report(run: Run) -> dict | None:
     report = json.load(f)
   made = reporting.flatten_dict(report.get('config') or {})
   want = reporting.flatten_dict(files.to_jsonable(config_utils.to_dict(run.config)))
-  diff = sorted(k for k in set(made) | set(want) if made.get(k) != want.get(k))
+  # A field added to advdef after the run was made, and left at its default, changes nothing
+  # the run computed.
+  added = {k for k in set(want) - set(made) if want[k] == _DEFAULTS.get(k, object())}
+  diff = sorted(k for k in (set(made) | set(want)) - added if made.get(k) != want.get(k))
   if diff:
     shown = '; '.join(f'{k}: {made.get(k)!r} != {want.get(k)!r}' for k in diff[:4])
     more = '; ...' if len(diff) > 4 else ''
@@ -179,25 +184,36 @@ def read_report(run: Run) -> dict | None:
 # 10-50 (the sampler dominates, so k matters little); SAP programs took 18-30 s to compile.
 # `speedup`: a quiet 2-core machine is assumed 1.7x faster (not measured: XLA's scaling to
 # the second core). gpu: assumed, not measured (no GPU was available): a datacenter GPU
-# ~100x the one core on these passes.
+# ~100x the one core on these passes. vgg16 (cpu2): the quarter-width CPU network
+# (width_divisor=4), measured on 2 cores at batch 32 (1.2 / 3.2 ms plain, 1.5 / 4.2 ms with
+# RSE noise) and scaled to one effective core; its full-width GPU costs are assumed.
 COSTS = {
     'cpu2': {
         'speedup': 1.7, 'startup': 10.0, 'train_compile': 30.0,
-        'train_img_s': {'resnet20': 58.0, 'small_cnn': 4000.0},
+        'train_img_s': {'resnet20': 58.0, 'small_cnn': 4000.0, 'vgg16': 150.0},
         'pass': {('resnet20', 'none'): (1.5e-3, 3.8e-3), ('resnet20', 'random'): (16e-3, 19e-3),
-                 ('small_cnn', 'none'): (3e-5, 6e-5), ('small_cnn', 'random'): (1e-4, 2e-4)},
+                 ('small_cnn', 'none'): (3e-5, 6e-5), ('small_cnn', 'random'): (1e-4, 2e-4),
+                 ('vgg16', 'none'): (2.0e-3, 5.4e-3), ('vgg16', 'random'): (2.6e-3, 7.1e-3)},
         'compile': {('resnet20', 'none'): 4.0, ('resnet20', 'random'): 25.0,
-                    ('small_cnn', 'none'): 0.7, ('small_cnn', 'random'): 1.2},
+                    ('small_cnn', 'none'): 0.7, ('small_cnn', 'random'): 1.2,
+                    ('vgg16', 'none'): 8.0, ('vgg16', 'random'): 12.0},
     },
     'gpu': {
         'speedup': 1.0, 'startup': 30.0, 'train_compile': 60.0,
-        'train_img_s': {'resnet20': 15000.0, 'small_cnn': 100000.0},
+        'train_img_s': {'resnet20': 15000.0, 'small_cnn': 100000.0, 'vgg16': 8000.0},
         'pass': {('resnet20', 'none'): (2e-5, 5e-5), ('resnet20', 'random'): (1.5e-4, 2e-4),
-                 ('small_cnn', 'none'): (1e-6, 2e-6), ('small_cnn', 'random'): (4e-6, 8e-6)},
+                 ('small_cnn', 'none'): (1e-6, 2e-6), ('small_cnn', 'random'): (4e-6, 8e-6),
+                 ('vgg16', 'none'): (4e-5, 1e-4), ('vgg16', 'random'): (5e-5, 1.2e-4)},
         'compile': {('resnet20', 'none'): 20.0, ('resnet20', 'random'): 60.0,
-                    ('small_cnn', 'none'): 2.0, ('small_cnn', 'random'): 4.0},
+                    ('small_cnn', 'none'): 2.0, ('small_cnn', 'random'): 4.0,
+                    ('vgg16', 'none'): 30.0, ('vgg16', 'random'): 40.0},
     },
 }
+# Passes per training example of a recipe, relative to standard training (an attack's steps
+# each cost about one forward + backward).
+_RECIPE_PASSES = {'pgd_at': lambda kw: 1 + kw.get('steps', 10),
+                  'trades': lambda kw: 1 + kw.get('steps', 10),
+                  'fgsm_mix': lambda kw: 1.5}
 DATA_SIZES = {'cifar10_partial': (4660, 846), 'cifar10': (50000, 10000),
               'mnist10k': (8000, 2000), 'mnist': (60000, 10000)}
 
@@ -221,7 +237,16 @@ def gradient_passes(name: str, kwargs: dict) -> float:
     return get('queries') / 2
   steps = get('steps') if 'steps' in inspect.signature(attacks_lib.ATTACKS[name]).parameters \
       else 20
-  return (steps + 1) * restarts * eot
+  rounds = get('search_steps') if name == 'cw_l2' else 1  # C&W's binary search over c
+  return (steps + 1) * restarts * eot * rounds
+
+
+def cost_ratio(c, model: str) -> float:
+  """Forward + backward cost with a random defense over without (noisy training)."""
+  passes = c['pass']
+  if (model, 'none') not in passes or (model, 'random') not in passes:
+    return 1.0
+  return passes[(model, 'random')][1] / passes[(model, 'none')][1]
 
 
 def estimate_seconds(config, platform: str) -> float:
@@ -233,8 +258,12 @@ def estimate_seconds(config, platform: str) -> float:
   train_size, test_size = DATA_SIZES.get(
       config.data.name, (config.data.fake_num_train, config.data.fake_num_test))
   if not config.train.checkpoint and config.train.num_epochs:
-    seconds += c['train_compile'] + config.train.num_epochs * train_size / c['train_img_s'].get(
-        model, 100.0)
+    (recipe, kwargs), = config_utils.parse_spec(config.train.recipe)
+    passes = _RECIPE_PASSES.get(recipe, lambda kw: 1.0)(kwargs)
+    if retrofit.parse_defense(config.train.defense).stochastic:
+      passes *= cost_ratio(c, model)
+    seconds += c['train_compile'] + passes * config.train.num_epochs * train_size / c[
+        'train_img_s'].get(model, 100.0)
   e = config.eval
   n = min(e.num_examples or test_size, test_size)
   n_attack = min(e.num_attack_examples or n, n)
@@ -285,6 +314,8 @@ def run_all(runs: RunSet, *, out: TextIO = sys.stdout, verbose: bool = False) ->
     remaining = sum(r.estimate_s for r in runs.runs[k - 1:] if r.report is None)
     factor = spent / estimated if estimated else 1.0
     clock = f'elapsed {minutes(time.time() - t0)}, est. left {minutes(remaining * factor)}'
+    if run.report is None:  # Another runner may have finished it since `plan`.
+      run.report = read_report(run)
     if run.report is not None:
       print(f'{head}: skipped, finished (report.json) | {clock}', file=out, flush=True)
       continue
@@ -323,6 +354,30 @@ def run_seconds(run: Run) -> float | None:
       return float(json.load(f)['seconds'])
   except (OSError, ValueError, KeyError, TypeError):
     return (run.report or {}).get('wall_seconds')
+
+
+def timing_table(runs: RunSet) -> str:
+  """A section's run-time table: every experiment, measured and estimated."""
+  rows, spent = [], 0.0
+  for r in runs.runs:
+    wall = run_seconds(r)
+    spent += wall or 0.0
+    rows.append([r.experiment.name, r.experiment.what,
+                 minutes(wall) if wall else '—', minutes(r.estimate_s)])
+  estimated = minutes(sum(r.estimate_s for r in runs.runs))
+  return (reporting.format_table(rows, ['experiment', 'what', 'measured', 'estimated'])
+          + f'\nTotal measured: {minutes(spent)} (process start-up included); '
+          f'estimated: {estimated} ({ESTIMATE_NOTE[runs.scale]}).\n')
+
+
+def png(fig) -> bytes | None:
+  """A matplotlib figure as PNG bytes (None for no figure)."""
+  if fig is None:
+    return None
+  import io
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', bbox_inches='tight', pad_inches=0.1)
+  return buf.getvalue()
 
 
 def describe(runs: RunSet, out: TextIO = sys.stdout) -> None:
@@ -394,10 +449,11 @@ def write_results(runs: RunSet, results_path: str) -> list[str]:
 # Reading finished runs.
 
 
-def per_example(run: Run) -> dict[tuple[str, str, float], np.ndarray]:
-  """Per-example correctness bool[n] of each attack row of a finished run, keyed by
-  (defense, attack, epsilon), from its stored evaluation results (advdef.evaluators.results);
-  only entries that match a row of report.json are used."""
+def per_example(run: Run, array: str = 'correct') -> dict[tuple[str, str, float], np.ndarray]:
+  """Per-example correctness bool[n] of each attack row of a finished run (or another stored
+  array: 'perturbation_norm', float32[n], of minimum-perturbation rows), keyed by (defense,
+  attack, epsilon), from its stored evaluation results (advdef.evaluators.results); only
+  entries that match a row of report.json are used."""
   rows = {(r['defense'], r['attack'], r['epsilon']): r for r in run.report['rows']
           if r['attack'] != 'none' and not r.get('worst_case')}
   out = {}
@@ -406,15 +462,16 @@ def per_example(run: Run) -> dict[tuple[str, str, float], np.ndarray]:
     try:
       with open(path) as f:
         record = json.load(f)
-      value, arr = record['value'], record['arrays']['correct']
+      value, arr = record['value'], record['arrays'][array]
       key = (value['defense'], value['attack'], value['epsilon'])
     except (ValueError, KeyError, TypeError):
       continue
     row = rows.get(key)
     if row is None or row['accuracy'] != value['accuracy'] or row['n'] != value['n']:
       continue
-    correct = np.frombuffer(base64.b64decode(arr['base64']), np.dtype(arr['dtype']))
-    out[key] = correct.reshape(arr['shape']).astype(bool)
+    values = np.frombuffer(base64.b64decode(arr['base64']), np.dtype(arr['dtype']))
+    values = values.reshape(arr['shape'])
+    out[key] = values.astype(bool) if array == 'correct' else values
   return out
 
 

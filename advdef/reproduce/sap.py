@@ -84,6 +84,7 @@ def gather(runs: frame.RunSet) -> dict[str, Model]:
       if row.get('worst_case'):
         continue  # recomputed per model, across runs
       name, bpda = model_name(run.experiment.model, row['defense'])
+      bpda = bpda or row['attack'].endswith('+bpda')  # the suite's own BPDA rows
       m = models.setdefault(name, Model(name))
       if row['attack'] == 'none':
         if kind == 'train':
@@ -325,23 +326,17 @@ def _not_run(runs: frame.RunSet) -> list[str]:
              '`noise(sigma, placement=act)` is RNA, RSA and dropout have no defense spec yet).')
   out.append("The paper's iterative attack (its parameters are not available in the sources) "
              'and its reinforcement-learning experiments.')
+  older = [r.experiment.name for r in runs.finished('adaptive')
+           if any(d != 'none' and 'identity' not in d for d in r.experiment.defenses)
+           and not any(row['attack'].endswith('+bpda') for row in r.report['rows'])]
+  if older:
+    out.append(f'The suite\'s own BPDA row for SAP (its first iterative attack through the '
+               f'identity mask gradient, with EOT) in {", ".join(older)}: those runs predate it '
+               '(their estimates include it); SAP-100\'s BPDA is the separate bpda run.')
   unfinished = [r.experiment.name for r in runs.runs if r.report is None]
   if unfinished:
     out.append(f'Not finished yet: {", ".join(unfinished)}.')
   return out
-
-
-def _timing(runs: frame.RunSet) -> str:
-  rows, spent = [], 0.0
-  for r in runs.runs:
-    wall = frame.run_seconds(r)
-    spent += wall or 0.0
-    rows.append([r.experiment.name, r.experiment.what,
-                 frame.minutes(wall) if wall else '—', frame.minutes(r.estimate_s)])
-  estimated = frame.minutes(sum(r.estimate_s for r in runs.runs))
-  return (reporting.format_table(rows, ['experiment', 'what', 'measured', 'estimated'])
-          + f'\nTotal measured: {frame.minutes(spent)} (process start-up included); '
-          f'estimated: {estimated} ({frame.ESTIMATE_NOTE[runs.scale]}).\n')
 
 
 # ----------------------------------------------------------------------------------------
@@ -389,15 +384,6 @@ def accuracy_vs_lambda_figure(models: dict[str, Model]):
   return fig
 
 
-def _png(fig) -> bytes | None:
-  if fig is None:
-    return None
-  import io
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png', bbox_inches='tight', pad_inches=0.1)
-  return buf.getvalue()
-
-
 # ----------------------------------------------------------------------------------------
 # The section.
 
@@ -407,7 +393,7 @@ def render(runs: frame.RunSet, figures_dir: str) -> frame.Section:
   reliability.png), linked relative to RESULTS.md through `figures_dir`."""
   models = gather(runs)
   clean_rows = [dict(m.clean, defense=m.name) for m in models.values() if m.clean is not None]
-  figures = {'accuracy_vs_lambda.png': _png(accuracy_vs_lambda_figure(models)),
+  figures = {'accuracy_vs_lambda.png': frame.png(accuracy_vs_lambda_figure(models)),
              'reliability.png': plots.reliability(clean_rows)}
   finished = len(runs.finished())
   cmd = f'python scripts/reproduce.py --paper=sap --scale={runs.scale} --root=DIR'
@@ -436,5 +422,5 @@ def render(runs: frame.RunSet, figures_dir: str) -> frame.Section:
   if figures['reliability.png']:
     out += [f'![reliability diagrams, clean]({figures_dir}/reliability.png)', '']
   out += ['### Not run at this scale', '', *[f'- {n}' for n in _not_run(runs)], '',
-          '### Run time', '', _timing(runs)]
+          '### Run time', '', frame.timing_table(runs)]
   return frame.Section('\n'.join(out), figures)
