@@ -94,7 +94,7 @@ def test_rse_smoke_scale_end_to_end_then_a_rerun_skips_every_run(tmp_path):
   assert '### C&W L2: accuracy within a distortion tolerance' in section
   assert ('| model | C&W | t = 0.05 | t = 0.1 | t = 0.2 | t = 0.3 | t = 0.5 | t = 0.75 | t = 1 '
           '| t = 1.5 | t = 2 | n |') in section
-  assert '| undefended | white-box (and transfer, where run) |' in section
+  assert '| undefended | white-box |' in section
   assert "| noise at inference | one draw per step (the authors' attack) |" in section
   assert ('| noise at inference | per-example worst of every C&W row (1 draw, EOT, transfer) and '
           'of PGD-L2 at t >= its eps |' in section)

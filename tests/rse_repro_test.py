@@ -237,12 +237,13 @@ def test_render_section_tables_and_figures(tmp_path):
   table = md[md.index(header):]
   table = table[:table.index('\n\n')].splitlines()
   rows = {tuple(c.strip() for c in line.strip('|').split(' | ')[:2]): line for line in table[2:]}
-  white, paper = 'white-box (and transfer, where run)', "one draw per step (the authors' attack)"
+  white, paper = 'white-box', "one draw per step (the authors' attack)"
   worst = ('per-example worst of every C&W row (1 draw, EOT, transfer) and of PGD-L2 at t >= '
            'its eps')
-  assert set(rows) == {('undefended', white), ('noise at inference', paper),
+  both = 'per-example worst of C&W and of PGD-L2 at t >= its eps'
+  assert set(rows) == {('undefended', white), ('undefended', both), ('noise at inference', paper),
                        ('noise at inference', worst), ('RSE', paper), ('RSE', worst),
-                       ('PGD-AT', white)}
+                       ('PGD-AT', white), ('PGD-AT', both)}
   cells = lambda key: [c.strip() for c in rows[key].strip('|').split(' | ')]
   # t = 0.5 is the 7th cell; t = 0.75 the 8th (RSE's +1draw breaks example 4 at 0.75).
   assert cells(('undefended', white))[4:7] == ['15.0% [5.2, 36.0]', '10.0% [2.8, 30.1]',
