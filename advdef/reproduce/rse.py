@@ -410,9 +410,9 @@ def ensemble_figure(models: dict[str, Model]):
     if not m.stochastic:
       continue
     lines.append((f'{m.name}, clean', ensemble_points(m.clean_full), '-'))
-    for a in m.linf:
-      if a.row.get('ensemble') and 'eot' in a.label:
-        lines.append((f'{m.name}, {a.label} 8/255', ensemble_points(a.row), '--'))
+    attacked = [a for a in m.linf if a.row.get('ensemble') and 'eot' in a.label]
+    for a, dash in zip(attacked, ('--', ':', '-.') * len(attacked)):
+      lines.append((f'{m.name}, {a.label} 8/255', ensemble_points(a.row), dash))
   lines = [line for line in lines if line[1]]
   if not lines:
     return None
