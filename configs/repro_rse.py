@@ -44,8 +44,10 @@ Scales:
          the run (the authors' stage shape, 80/60/40/20 epochs); PGD-AT with 2 steps of
          2.5 * eps / 2 (Madry: 7 steps) for 8 epochs; 100 test images attacked; C&W with
          4 binary-search rounds of 30 Adam steps, 4 EOT draws; PGD 10 steps, 8 EOT draws;
-         estimated ~45 minutes on 2 quiet CPU cores (`scripts/reproduce.py --paper=rse
-         --scale=cpu --list`). No hyperparameter is tuned: every value above is fixed in
+         estimated ~55 minutes on 2 quiet CPU cores (`scripts/reproduce.py --paper=rse
+         --scale=cpu --list`; training rate calibrated on the runs in RESULTS.md, which took
+         2.8 h of runs, 1.7 h of wall time with two runners in parallel, on 2 cores shared
+         with other jobs). No hyperparameter is tuned: every value above is fixed in
          advance, so no validation split is needed and the test images choose nothing.
   full   the paper's setting: TFDS cifar10 (50,000 / 10,000), VGG-16 at full width, 200
          epochs, lr 0.01 (x0.1 after 80, 140, 180 epochs), PGD-AT 7 steps; 1,000 images

@@ -28,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'scripts' / 'reproduce.py'
 EPS8 = 8 / 255
 # The documented CPU budget of each paper's runs (configs/repro_<paper>.py), in minutes.
-CPU_BUDGET_MINUTES = {'sap': 50, 'rse': 50}  # the issue's 'about 45 minutes per paper'
+CPU_BUDGET_MINUTES = {'sap': 50, 'rse': 60}  # the issue: 'about 45 minutes per paper'
 
 
 def _script(*args, timeout=300):

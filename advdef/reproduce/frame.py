@@ -186,11 +186,13 @@ def read_report(run: Run) -> dict | None:
 # the second core). gpu: assumed, not measured (no GPU was available): a datacenter GPU
 # ~100x the one core on these passes. vgg16 (cpu2): the quarter-width CPU network
 # (width_divisor=4), measured on 2 cores at batch 32 (1.2 / 3.2 ms plain, 1.5 / 4.2 ms with
-# RSE noise) and scaled to one effective core; its full-width GPU costs are assumed.
+# RSE noise) and scaled to one effective core; its training rate from the RSE CPU runs (46
+# img/s with two runners and other jobs sharing the 2 cores, taken as about 2x slower than
+# one effective core); its full-width GPU costs are assumed.
 COSTS = {
     'cpu2': {
         'speedup': 1.7, 'startup': 10.0, 'train_compile': 30.0,
-        'train_img_s': {'resnet20': 58.0, 'small_cnn': 4000.0, 'vgg16': 150.0},
+        'train_img_s': {'resnet20': 58.0, 'small_cnn': 4000.0, 'vgg16': 90.0},
         'pass': {('resnet20', 'none'): (1.5e-3, 3.8e-3), ('resnet20', 'random'): (16e-3, 19e-3),
                  ('small_cnn', 'none'): (3e-5, 6e-5), ('small_cnn', 'random'): (1e-4, 2e-4),
                  ('vgg16', 'none'): (2.0e-3, 5.4e-3), ('vgg16', 'random'): (2.6e-3, 7.1e-3)},
@@ -366,7 +368,8 @@ def timing_table(runs: RunSet) -> str:
                  minutes(wall) if wall else '—', minutes(r.estimate_s)])
   estimated = minutes(sum(r.estimate_s for r in runs.runs))
   return (reporting.format_table(rows, ['experiment', 'what', 'measured', 'estimated'])
-          + f'\nTotal measured: {minutes(spent)} (process start-up included); '
+          + f'\nTotal measured: {minutes(spent)} (process start-up included; a machine '
+          'shared with other jobs, or runners in parallel, stretches it); '
           f'estimated: {estimated} ({ESTIMATE_NOTE[runs.scale]}).\n')
 
 
