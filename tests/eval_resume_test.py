@@ -102,7 +102,9 @@ def test_the_uninterrupted_run_stores_one_entry_per_row_and_per_checks(finished)
   config, workdir, report = finished
   attack_rows = [r for r in report['rows'] if r['attack'] not in ('none', 'worst_case')]
   assert len(_entries(workdir, 'clean-*')) == 2
-  assert len(_entries(workdir, 'attack_suite-*')) == len(attack_rows) == 8
+  # none: PGD at 2 epsilons, IFGSM-min; RSE: EOT-PGD and its transfer from none at each
+  # epsilon, EOT-IFGSM-min and its transfer.
+  assert len(_entries(workdir, 'attack_suite-*')) == len(attack_rows) == 9
   assert len(_entries(workdir, 'checks-*')) == 2
   assert len(_entries(workdir, 'model_summary-*')) == 1
   assert not list((workdir / results.RESULTS_DIR).glob('.*'))  # no temporary files left
