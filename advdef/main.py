@@ -116,6 +116,12 @@ def main(argv):
   # Before the first compilation, which reads the setting.
   compilation.enable_cache(_COMPILATION_CACHE.value)
   config, workdir = _CONFIG.value, _WORKDIR.value
+  # --- Reinforcement-learning configs (task='rl', issue 16) run advdef.rl.experiment. ---
+  if config.get('task') == 'rl':
+    from advdef.rl import experiment as rl_experiment
+    _run_rl(rl_experiment, config, workdir)
+    return
+  # --- end of the RL dispatch ---
   try:
     # Before anything touches a JAX backend.
     parallel.initialize_distributed(config, force=_DISTRIBUTED.value)
@@ -145,6 +151,28 @@ def main(argv):
     except checkpointing.CheckpointsUnreadableError as e:
       print(f'advdef: error: {e}', file=sys.stderr)
       sys.exit(2)
+
+
+# --- Reinforcement-learning runs (issue 16): the same lock, one-line errors and exit codes.
+def _run_rl(rl_experiment, config, workdir):
+  """Runs an RL config (single process) like main() runs a classifier config."""
+  from advdef import checkpointing, training, workdir_lock
+  with contextlib.ExitStack() as stack:  # the lock is released on any exit
+    try:
+      stack.enter_context(workdir_lock.hold(workdir))  # before prepare opens checkpoints
+      prepared = rl_experiment.prepare(config, workdir)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+      print(f'advdef: error: {e}', file=sys.stderr)
+      sys.exit(2)
+    try:
+      rl_experiment.run(config, workdir, progress=sys.stderr.isatty(), prepared=prepared)
+    except training.NonFiniteLossError as e:
+      print(f'advdef: error: {e}', file=sys.stderr)
+      sys.exit(1)
+    except checkpointing.CheckpointsUnreadableError as e:
+      print(f'advdef: error: {e}', file=sys.stderr)
+      sys.exit(2)
+# --- end of the RL runs ---
 
 
 if __name__ == '__main__':

@@ -28,6 +28,7 @@ LAYERS = (
     ('advdef.recipes', 'advdef.training'),
     ('advdef.runs',),
     ('advdef.evaluators',),
+    ('advdef.rl',),
     ('advdef.experiment', 'advdef.sweep', 'advdef.sweep_summary', 'advdef.main',
      'advdef.reproduce', 'advdef'),
 )
