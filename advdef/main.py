@@ -112,16 +112,14 @@ def main(argv):
   # The one start-up deferral: flag and config-file errors (and --help) print before JAX
   # and the library load, which takes seconds.
   import jax
-  from advdef import checkpointing, compilation, experiment, parallel, training, workdir_lock
+  from advdef import compilation, experiment, parallel
   # Before the first compilation, which reads the setting.
   compilation.enable_cache(_COMPILATION_CACHE.value)
   config, workdir = _CONFIG.value, _WORKDIR.value
-  # --- Reinforcement-learning configs (task='rl', issue 16) run advdef.rl.experiment. ---
-  if config.get('task') == 'rl':
+  if config.get('task') == 'rl':  # advdef.rl: one process, its own experiment
     from advdef.rl import experiment as rl_experiment
-    _run_rl(rl_experiment, config, workdir)
+    _run_locked(config, workdir, rl_experiment.prepare, rl_experiment.run, holds_lock=True)
     return
-  # --- end of the RL dispatch ---
   try:
     # Before anything touches a JAX backend.
     parallel.initialize_distributed(config, force=_DISTRIBUTED.value)
@@ -129,50 +127,41 @@ def main(argv):
     print(f'advdef: error: {e}', file=sys.stderr)
     sys.exit(2)
   logging.info('advdef on %s devices: %s', jax.device_count(), jax.devices())
+
+  def prepare(config, workdir):
+    prepared = experiment.prepare(config, workdir)
+    parallel.validate_config(config)  # Device count, and the batch sizes it must divide.
+    return prepared
+
+  # The hosts of a multi-host run share one workdir: process 0 holds it for all.
+  _run_locked(config, workdir, prepare, experiment.run, holds_lock=jax.process_index() == 0)
+
+
+def _run_locked(config, workdir, prepare, run, *, holds_lock: bool):
+  """prepare(config, workdir) then run(config, workdir, progress=, prepared=) under the
+  workdir lock, with one-line errors: exit code 2 for bad configs, inputs and unreadable
+  checkpoints, 1 for a non-finite loss."""
+  from advdef import checkpointing, training, workdir_lock
   # Released on any exit, sys.exit included.
   with contextlib.ExitStack() as stack:
     try:
       # One run per workdir, before prepare opens its checkpoints (which cleans up the
-      # temporary directories of a save in progress). The hosts of a multi-host run share
-      # one workdir: process 0 holds it for all.
-      if jax.process_index() == 0:
+      # temporary directories of a save in progress).
+      if holds_lock:
         stack.enter_context(workdir_lock.hold(workdir))
-      prepared = experiment.prepare(config, workdir)
-      parallel.validate_config(config)  # Device count, and the batch sizes it must divide.
+      prepared = prepare(config, workdir)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
       # Bad configs and inputs fail before any compute: one readable line, no traceback.
       print(f'advdef: error: {e}', file=sys.stderr)
       sys.exit(2)
     try:
-      experiment.run(config, workdir, progress=sys.stderr.isatty(), prepared=prepared)
+      run(config, workdir, progress=sys.stderr.isatty(), prepared=prepared)
     except training.NonFiniteLossError as e:
       print(f'advdef: error: {e}', file=sys.stderr)
       sys.exit(1)
     except checkpointing.CheckpointsUnreadableError as e:
       print(f'advdef: error: {e}', file=sys.stderr)
       sys.exit(2)
-
-
-# --- Reinforcement-learning runs (issue 16): the same lock, one-line errors and exit codes.
-def _run_rl(rl_experiment, config, workdir):
-  """Runs an RL config (single process) like main() runs a classifier config."""
-  from advdef import checkpointing, training, workdir_lock
-  with contextlib.ExitStack() as stack:  # the lock is released on any exit
-    try:
-      stack.enter_context(workdir_lock.hold(workdir))  # before prepare opens checkpoints
-      prepared = rl_experiment.prepare(config, workdir)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-      print(f'advdef: error: {e}', file=sys.stderr)
-      sys.exit(2)
-    try:
-      rl_experiment.run(config, workdir, progress=sys.stderr.isatty(), prepared=prepared)
-    except training.NonFiniteLossError as e:
-      print(f'advdef: error: {e}', file=sys.stderr)
-      sys.exit(1)
-    except checkpointing.CheckpointsUnreadableError as e:
-      print(f'advdef: error: {e}', file=sys.stderr)
-      sys.exit(2)
-# --- end of the RL runs ---
 
 
 if __name__ == '__main__':
