@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ast
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import ml_collections
 
@@ -186,6 +186,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.parallel = dict(num_devices=0, distributed=False, coordinator_address='',
                     num_processes=0, process_id=-1)
   return c
+
+
+def experiment_arg(arg, scales: Sequence[str], default: str, config: str
+                   ) -> tuple[str, str, str]:
+  """A reproduction config's argument '<experiment>,<scale>[,base=<workdir>]' -> (experiment,
+  scale, base); the scale defaults to the last of `scales` ('full'), the experiment to
+  `default`. config: the config's name, for errors."""
+  words = [w.strip() for w in (arg or '').split(',') if w.strip()]
+  positional = [w for w in words if '=' not in w]
+  kv = parse_arg(','.join(w for w in words if '=' in w), base='')
+  scale = next((w for w in positional if w in scales), scales[-1])
+  names = [w for w in positional if w not in scales]
+  if len(names) > 1:
+    raise ValueError(f'{config}: one experiment per config, got {names}')
+  return (names[0] if names else default), scale, kv.base
 
 
 def cifar10_data(c: ml_collections.ConfigDict, source: str) -> None:

@@ -134,19 +134,8 @@ def _base_network(scale: str, plain: bool):
   return module.get_config(f'{variant},clean' + (',plain' if plain else ''))
 
 
-def _parse(arg):
-  words = [w.strip() for w in (arg or '').split(',') if w.strip()]
-  positional = [w for w in words if '=' not in w]
-  kv = config_utils.parse_arg(','.join(w for w in words if '=' in w), base='')
-  scale = next((w for w in positional if w in SCALES), 'full')
-  names = [w for w in positional if w not in SCALES]
-  if len(names) > 1:
-    raise ValueError(f'repro_rse: one experiment per config, got {names}')
-  return (names[0] if names else 'rse'), scale, kv.base
-
-
 def get_config(arg=None):
-  name, scale, base = _parse(arg)
+  name, scale, base = config_utils.experiment_arg(arg, SCALES, 'rse', 'repro_rse')
   by_name = {e['name']: e for e in experiments(scale)}
   if name not in by_name:
     raise ValueError(f'repro_rse: unknown experiment {name!r} at scale {scale}; valid: '

@@ -163,20 +163,8 @@ def _base_network(scale: str, recipe: str):
   return module.get_config(f'arch=preact,recipe={recipe},{variant},clean')
 
 
-def _parse(arg):
-  words = [w.strip() for w in (arg or '').split(',') if w.strip()]
-  positional = [w for w in words if '=' not in w]
-  rest = ','.join(w for w in words if '=' in w)
-  kv = config_utils.parse_arg(rest, base='')
-  scale = next((w for w in positional if w in SCALES), 'full')
-  names = [w for w in positional if w not in SCALES]
-  if len(names) > 1:
-    raise ValueError(f'repro_sap: one experiment per config, got {names}')
-  return (names[0] if names else 'dense'), scale, kv.base
-
-
 def get_config(arg=None):
-  name, scale, base = _parse(arg)
+  name, scale, base = config_utils.experiment_arg(arg, SCALES, 'dense', 'repro_sap')
   by_name = {e['name']: e for e in experiments(scale)}
   if name not in by_name:
     raise ValueError(f'repro_sap: unknown experiment {name!r} at scale {scale}; valid: '

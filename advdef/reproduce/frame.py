@@ -373,6 +373,26 @@ def timing_table(runs: RunSet) -> str:
           f'estimated: {estimated} ({ESTIMATE_NOTE[runs.scale]}).\n')
 
 
+def accuracy_figure(height: float = 4.2):
+  """(figure, axes) for an accuracy plot: a Figure with its Agg canvas (no pyplot state)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(7.5, height), dpi=100, layout='constrained')
+  FigureCanvasAgg(fig)
+  return fig, fig.add_subplot()
+
+
+def finish_accuracy_figure(fig, ax, xlabel: str, ylabel: str = 'accuracy'):
+  """Labels, a 0-100% y axis, a light grid and one legend outside the axes."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_ylim(-0.02, 1.02)
+  ax.yaxis.set_major_formatter(lambda v, _: f'{100 * v:.0f}%')
+  ax.grid(alpha=0.3)
+  fig.legend(loc='outside right upper', fontsize=8, frameon=False)
+  return fig
+
+
 def png(fig) -> bytes | None:
   """A matplotlib figure as PNG bytes (None for no figure)."""
   if fig is None:

@@ -373,11 +373,7 @@ def tolerance_figure(models: dict[str, Model], tols):
   drawn = [m for m in models.values() if m.cw and m.curve(tols, False)[0] is not None]
   if not drawn or not tols:
     return None
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(7.5, 4.2), dpi=100, layout='constrained')
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
+  fig, ax = frame.accuracy_figure(4.2)
   styles = plots.style_map(m.name for m in drawn)
   for m in drawn:
     color = styles[m.name]['color']
@@ -394,13 +390,8 @@ def tolerance_figure(models: dict[str, Model], tols):
   if t is not None:
     ax.axvline(t, color='black', linewidth=0.8, linestyle=':',
                label=f't* = {t:g} (undefended < 10%)')
-  ax.set_xlabel('C&W L2 distortion tolerance ([0, 1] pixels)')
-  ax.set_ylabel('robust accuracy (fresh draws)')
-  ax.set_ylim(-0.02, 1.02)
-  ax.yaxis.set_major_formatter(lambda v, _: f'{100 * v:.0f}%')
-  ax.grid(alpha=0.3)
-  fig.legend(loc='outside right upper', fontsize=8, frameon=False)
-  return fig
+  return frame.finish_accuracy_figure(fig, ax, 'C&W L2 distortion tolerance ([0, 1] pixels)',
+                                      'robust accuracy (fresh draws)')
 
 
 def ensemble_figure(models: dict[str, Model]):
@@ -416,11 +407,7 @@ def ensemble_figure(models: dict[str, Model]):
   lines = [line for line in lines if line[1]]
   if not lines:
     return None
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(7.5, 4.0), dpi=100, layout='constrained')
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
+  fig, ax = frame.accuracy_figure(4.0)
   styles = plots.style_map(label.split(',')[0] for label, _, _ in lines)
   for label, points, dash in lines:
     ns = sorted(points)
@@ -429,13 +416,7 @@ def ensemble_figure(models: dict[str, Model]):
   ax.set_xscale('log')
   ax.set_xticks(sorted({n for _, p, _ in lines for n in p}),
                 [str(n) for n in sorted({n for _, p, _ in lines for n in p})])
-  ax.set_xlabel('ensemble size n (draws averaged)')
-  ax.set_ylabel('accuracy')
-  ax.set_ylim(-0.02, 1.02)
-  ax.yaxis.set_major_formatter(lambda v, _: f'{100 * v:.0f}%')
-  ax.grid(alpha=0.3)
-  fig.legend(loc='outside right upper', fontsize=8, frameon=False)
-  return fig
+  return frame.finish_accuracy_figure(fig, ax, 'ensemble size n (draws averaged)')
 
 
 def _draws(runs: frame.RunSet) -> int:

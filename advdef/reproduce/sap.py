@@ -349,13 +349,9 @@ def accuracy_vs_lambda_figure(models: dict[str, Model]):
   drawn = [m for m in models.values() if m.fgsm]
   if not drawn:
     return None
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
   lams = sorted({0, *(lam for m in drawn for lam in m.fgsm)})
   pos = {lam: i for i, lam in enumerate(lams)}
-  fig = Figure(figsize=(7.5, 4.2), dpi=100, layout='constrained')
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
+  fig, ax = frame.accuracy_figure(4.2)
   styles = plots.style_map(m.name for m in drawn)
   for m in drawn:
     points = dict(m.fgsm)
@@ -375,13 +371,7 @@ def accuracy_vs_lambda_figure(models: dict[str, Model]):
               linestyle='none', color=style['color'], markeredgecolor='black',
               label=f'{m.name}: adaptive worst case, 8/255')
   ax.set_xticks(range(len(lams)), [str(v) for v in lams])
-  ax.set_xlabel("FGSM λ (0-255 pixel units; the paper's protocol)")
-  ax.set_ylabel('accuracy')
-  ax.set_ylim(-0.02, 1.02)
-  ax.yaxis.set_major_formatter(lambda v, _: f'{100 * v:.0f}%')
-  ax.grid(alpha=0.3)
-  fig.legend(loc='outside right upper', fontsize=8, frameon=False)
-  return fig
+  return frame.finish_accuracy_figure(fig, ax, "FGSM λ (0-255 pixel units; the paper's protocol)")
 
 
 # ----------------------------------------------------------------------------------------
