@@ -193,13 +193,13 @@ def plan_attacks(defense: retrofit.DefenseSpec, attack_specs: tuple[base.AttackS
   for a in attack_specs:
     name = a.name
     gradient = name in base.GRADIENT_ATTACKS
-    # Transfer (and SAP's BPDA) go with the first gradient attack of each kind, fixed-budget
-    # and minimum-perturbation, so that listing C&W first does not drop PGD's transfer row.
+    # Transfer goes with the first gradient attack of each kind, fixed-budget and minimum-
+    # perturbation, so that listing C&W first does not drop PGD's transfer row; SAP's BPDA
+    # with the first iterative fixed-budget one.
     kind = 'min' if name in base.MIN_PERTURBATION_ATTACKS else 'budget'
     first_of_kind = gradient and kind not in kinds_seen
-    first_iterative = gradient and kind == 'budget' and name != 'fgsm' and not any(
-        p.name not in ('fgsm', *base.MIN_PERTURBATION_ATTACKS) and p.gradient_based
-        for p in plans)
+    iterative = gradient and kind == 'budget' and name != 'fgsm'
+    first_iterative = iterative and 'iterative' not in kinds_seen
     kw = dict(a.kwargs)
     if name in base.MIN_PERTURBATION_ATTACKS:
       kw['norm'] = _attack_norm(name, e.norm)
@@ -234,6 +234,8 @@ def plan_attacks(defense: retrofit.DefenseSpec, attack_specs: tuple[base.AttackS
     if gradient:
       first_gradient = False
       kinds_seen.add(kind)
+      if iterative:
+        kinds_seen.add('iterative')
   return plans
 
 
