@@ -138,6 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.data = dict(source='digits', name='digits', path='', data_dir='', download=True,
                 test_fraction=0.2, split_seed=0, num_train=0, num_test=0,
+                # A stratified fraction of the training split held out for choosing
+                # hyperparameters; eval_split='validation' evaluates on it instead of test.
+                validation_fraction=0.0, eval_split='test',
                 fake_shape=(8, 8, 1), fake_num_classes=10, fake_num_train=256, fake_num_test=64)
   c.model = dict(name='small_cnn', normalize='dataset', kwargs=ml_collections.ConfigDict())
   c.train = dict(
@@ -165,6 +168,9 @@ def base_config() -> ml_collections.ConfigDict:
       adaptive=True,            # EOT for stochastic defenses, BPDA/transfer for JumpReLU
       eot_samples=10,
       single_draw_baseline=False,  # also attack stochastic defenses with 1 draw per step
+      # Transfer (gray-box) rows from the undefended model: for the first gradient attack of
+      # each kind ('first_of_kind') or for every gradient attack ('all').
+      transfer_attacks='first_of_kind',
       num_attack_examples=0,    # 0 = same as num_examples
       # Minimum-perturbation attacks (C&W, DeepFool): robust accuracy at each of these
       # distortion tolerances (in the row's norm, [0, 1] pixel units), judged on fresh draws.

@@ -170,14 +170,18 @@ def _train_and_evaluate(config, workdir, progress, prepared):
 
 
 def evaluate_run(config, prepared: Prepared, variables, workdir=None) -> dict[str, Any]:
-  """Runs the configured evaluators (advdef.evaluators) on the test split; the report."""
+  """Runs the configured evaluators (advdef.evaluators) on the evaluation split (test, or
+  validation with data.eval_split); the report."""
   images, labels = prepared.splits.test_images, prepared.splits.test_labels.astype(np.int32)
   if config.eval.num_examples:
     images, labels = images[:config.eval.num_examples], labels[:config.eval.num_examples]
   ctx = evaluators.make_context(config, prepared.model, variables, images, labels,
                                plan=prepared.parsed.eval_plan, workdir=workdir)
   report = reporting.new_report(config=config_utils.to_dict(config),
-                                dataset=f'{config.data.source}:{config.data.name}',
+                                dataset=f'{config.data.source}:{config.data.name}'
+                                + (' (validation split)'
+                                   if prepared.splits.info.evaluation_split == 'validation'
+                                   else ''),
                                 model=config.model.name)
   report.update(evaluators.run_evaluators(ctx))
   return report

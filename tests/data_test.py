@@ -158,6 +158,31 @@ def test_npz_cifar_partial_presplit(cifar_partial_path):
   np.testing.assert_allclose(splits.info.mean, (0.4914, 0.4822, 0.4465), atol=0.03)
 
 
+def test_validation_split_is_held_out_of_training_and_replaces_test_only_when_asked(digits):
+  held = data.load_dataset(make_config(source='digits', validation_fraction=0.25))
+  val = data.load_dataset(make_config(source='digits', validation_fraction=0.25,
+                                      eval_split='validation'))
+  n_train = digits.info.num_train
+  num_val = -(-n_train // 4)  # ceil, as the test split's size
+  assert held.info.num_validation == val.info.num_validation == num_val
+  assert held.info.num_train == val.info.num_train == n_train - num_val
+  # The same training images whichever split is evaluated; the test split untouched.
+  np.testing.assert_array_equal(held.train_images, val.train_images)
+  np.testing.assert_array_equal(held.test_images, digits.test_images)
+  assert held.info.evaluation_split == 'test' and val.info.evaluation_split == 'validation'
+  # The validation images are the training split's, minus those kept for training.
+  rows = lambda a: {r.tobytes() for r in a.reshape(len(a), -1)}
+  assert val.info.num_test == num_val and len(val.test_labels) == num_val
+  assert rows(val.test_images) <= rows(digits.train_images)
+  assert not rows(val.test_images) & rows(val.train_images)
+  assert not rows(val.test_images) & rows(digits.test_images)
+  assert_stratified(val.train_labels, val.test_labels, 0.25)
+  # Deterministic, and not the test split's hash order (another seed).
+  again = data.load_dataset(make_config(source='digits', validation_fraction=0.25,
+                                        eval_split='validation'))
+  np.testing.assert_array_equal(again.test_images, val.test_images)
+
+
 def test_fake_is_deterministic_and_shaped():
   config = make_config(source='fake', name='tiny', fake_shape=(6, 5, 3), fake_num_classes=4,
                        fake_num_train=40, fake_num_test=12)
@@ -188,6 +213,11 @@ def test_fake_is_deterministic_and_shaped():
     (dict(source='fake', fake_shape=(8, 0, 1)), r'data.fake_shape\[1\]=0 must be an integer >= 1'),
     (dict(source='fake', fake_num_classes=0), r'data.fake_num_classes=0 must be an integer >= 1'),
     (dict(num_trian=5), r"Unknown data config field\(s\) \['num_trian'\]"),
+    (dict(validation_fraction=1.0), r'data.validation_fraction must be a number in \[0, 1\)'),
+    (dict(eval_split='val'), r"data.eval_split='val' is not valid; valid choices: test, "
+                             'validation'),
+    (dict(eval_split='validation'), r"data.eval_split='validation' needs "
+                                    r'data.validation_fraction > 0'),
 ])
 def test_validate_data_config_errors(overrides, message):
   with pytest.raises(ValueError, match=message):

@@ -34,6 +34,12 @@ DEFAULTS = {**config_utils.base_config().data.to_dict(), 'name': ''}
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
+# What a run evaluates on: the test split, or the validation split held out of training
+# (data.validation_fraction), on which hyperparameters are chosen without seeing test images.
+EVAL_SPLITS = ('test', 'validation')
+# The validation split's hash seed is split_seed + this, so it is not the test split's order.
+_VALIDATION_SEED_OFFSET = 7919
+
 _NPZ_POOL_KEYS = ('images', 'labels')
 _NPZ_PRESPLIT_KEYS = ('train_images', 'train_labels', 'test_images', 'test_labels')
 
@@ -47,12 +53,16 @@ class DatasetInfo:
     num_classes: Number of classes; labels lie in [0, num_classes).
     image_shape: (H, W, C) of one image.
     num_train: Number of training examples returned (after any `data.num_train` subset).
-    num_test: Number of test examples returned (after any `data.num_test` subset).
+    num_test: Number of evaluation examples returned (after any `data.num_test` subset):
+      test examples, or validation examples when `evaluation_split` is 'validation'.
     mean: Per-channel mean, length C, in [0, 1] pixel units: the standard values for
       mnist, fashion_mnist, cifar10 and cifar100 from TFDS, otherwise computed from the
       returned training images.
     std: Per-channel (population) standard deviation, length C, same units and origin.
     class_names: One name per class, or None when the source has none.
+    evaluation_split: 'test', or 'validation' when the test arrays of `Splits` hold the
+      validation examples (data.eval_split).
+    num_validation: Examples held out of training as the validation split (0: none).
   """
   name: str
   num_classes: int
@@ -62,6 +72,8 @@ class DatasetInfo:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   class_names: tuple[str, ...] | None = None
+  evaluation_split: str = 'test'
+  num_validation: int = 0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -131,6 +143,16 @@ def validate_data_config(data_config) -> None:
         f'data.test_fraction must be a number in (0, 1) (exclusive), got {test_fraction!r}.')
   for field in ('split_seed', 'num_train', 'num_test'):
     validate.check_int(f'data.{field}', _get(data_config, field), 0)
+  validation_fraction = _get(data_config, 'validation_fraction')
+  if (not isinstance(validation_fraction, (int, float, np.floating))
+      or isinstance(validation_fraction, bool) or not 0.0 <= float(validation_fraction) < 1.0):
+    raise ValueError('data.validation_fraction must be a number in [0, 1) (0: no validation '
+                     f'split), got {validation_fraction!r}.')
+  eval_split = _get(data_config, 'eval_split')
+  validate.check_choice('data.eval_split', eval_split, EVAL_SPLITS)
+  if eval_split == 'validation' and not validation_fraction:
+    raise ValueError("data.eval_split='validation' needs data.validation_fraction > 0 (the "
+                     'share of the training split held out), got 0.')
 
   if source == 'tfds':
     # Not validate.check_choice: base_config's default name 'digits' lands here when only
@@ -204,16 +226,16 @@ def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
   return np.lexsort((np.arange(n), keys, fraction))
 
 
-def _stratified_split(labels: np.ndarray, test_fraction: float,
-                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int,
+                      field: str = 'test_fraction') -> tuple[np.ndarray, np.ndarray]:
   """Returns sorted (train_idx, test_idx); the test size is ceil(N * test_fraction)."""
   n = labels.shape[0]
   # ceil like scikit-learn (1,797 digits -> 360 test); the epsilon absorbs float error
   # such as 10000 * 0.2 landing a hair above 2000.
   num_test = int(math.ceil(n * test_fraction - 1e-9))
   if not 0 < num_test < n:
-    raise ValueError(f'data.test_fraction={test_fraction} leaves {num_test} of {n} examples '
-                     'for testing; both splits must be non-empty.')
+    raise ValueError(f'data.{field}={test_fraction} leaves {num_test} of {n} examples '
+                     'for it; both splits must be non-empty.')
   order = stratified_order(labels, seed)
   return np.sort(order[num_test:]), np.sort(order[:num_test])
 
@@ -292,8 +314,21 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, .
 
 def _make_splits(name: str, train_images, train_labels, test_images, test_labels, *,
                  num_classes: int, class_names, data_config, stats=None) -> Splits:
-  """Applies the num_train/num_test subsets, computes stats and freezes the arrays."""
+  """Holds out the validation split, applies the num_train/num_test subsets, computes stats
+  and freezes the arrays."""
   seed = int(_get(data_config, 'split_seed'))
+  validation_fraction = float(_get(data_config, 'validation_fraction'))
+  evaluation_split, num_validation = _get(data_config, 'eval_split'), 0
+  if validation_fraction:
+    # Held out of every run with the same data config, whichever split it evaluates on, so
+    # a model trained for selection and its test evaluation saw the same training images.
+    train_idx, val_idx = _stratified_split(train_labels, validation_fraction,
+                                           seed + _VALIDATION_SEED_OFFSET,
+                                           field='validation_fraction')
+    num_validation = int(val_idx.size)
+    if evaluation_split == 'validation':
+      test_images, test_labels = train_images[val_idx], train_labels[val_idx]
+    train_images, train_labels = train_images[train_idx], train_labels[train_idx]
   train_images, train_labels = _subset(train_images, train_labels,
                                        int(_get(data_config, 'num_train')), seed, 'num_train')
   test_images, test_labels = _subset(test_images, test_labels,
@@ -314,7 +349,8 @@ def _make_splits(name: str, train_images, train_labels, test_images, test_labels
                                                                   train_images.shape[1:]),
       num_train=int(train_labels.shape[0]), num_test=int(test_labels.shape[0]),
       mean=tuple(stats[0]), std=tuple(stats[1]),
-      class_names=None if class_names is None else tuple(str(n) for n in class_names))
+      class_names=None if class_names is None else tuple(str(n) for n in class_names),
+      evaluation_split=evaluation_split, num_validation=num_validation)
   return Splits(*arrays, info=info)
 
 
