@@ -43,6 +43,8 @@ Minimum-perturbation attacks (no eps ball; report norms with `perturbation_norms
   cw_l2            Carlini & Wagner L2 with binary search over c (optional eps projection).
   deepfool         DeepFool, L2 and L-inf, top-k candidate classes.
   ifgsm_min        The JumpReLU paper's iterative FGSM that stops per example once fooled.
+  trust_region     TR (Yao et al. 2019) as the JumpReLU code runs it: fixed closest target,
+                   linearised steps capped at a trust radius, L2 and L-inf.
 Adaptive-attack tools:
   eot_logits_fn    EOT over a stochastic model (mean logits or log of mean softmax);
                    attacks also take `eot_samples` / `eot_average` (default: mean of
@@ -98,7 +100,7 @@ The package is split by family; import the attacks from the package itself.
   adaptive      eot_logits_fn, fixed_randomness, transfer_attack.
   gradient      fgsm, pgd, apgd, apgd_targeted and the shared objective / restart code.
   score_based   square.
-  minimum_norm  cw_l2, deepfool, ifgsm_min.
+  minimum_norm  cw_l2, deepfool, ifgsm_min, trust_region.
   suites        autoattack_standard, autoattack_rand.
 This module adds the registry (ATTACKS, ATTACK_NORMS, get_attack).
 """
@@ -129,6 +131,7 @@ from advdef.attacks.losses import margin
 from advdef.attacks.minimum_norm import cw_l2
 from advdef.attacks.minimum_norm import deepfool
 from advdef.attacks.minimum_norm import ifgsm_min
+from advdef.attacks.minimum_norm import trust_region
 # The module is score_based, not square: a submodule `square` would shadow the function.
 from advdef.attacks.score_based import square
 from advdef.attacks.suites import autoattack_rand
@@ -139,7 +142,7 @@ __all__ = [
     'autoattack_rand', 'autoattack_standard', 'cross_entropy', 'cw_l2', 'deepfool', 'dlr',
     'dlr_targeted', 'eot_logits_fn', 'fgsm', 'fixed_randomness', 'get_attack', 'get_loss',
     'ifgsm_min', 'margin', 'perturbation_norms', 'pgd', 'relative_perturbation_norms',
-    'square', 'transfer_attack',
+    'square', 'transfer_attack', 'trust_region',
 ]
 
 ATTACKS: dict[str, AttackFn] = {
@@ -153,6 +156,7 @@ ATTACKS: dict[str, AttackFn] = {
     'cw_l2': cw_l2,
     'deepfool': deepfool,
     'ifgsm_min': ifgsm_min,
+    'trust_region': trust_region,
 }
 
 # The norms each attack supports (its `norm` argument).
@@ -167,6 +171,7 @@ ATTACK_NORMS: dict[str, tuple[str, ...]] = {
     'cw_l2': ('l2',),
     'deepfool': NORMS,
     'ifgsm_min': ('linf',),
+    'trust_region': NORMS,
 }
 
 

@@ -23,9 +23,9 @@ from advdef import rng
 
 
 # Attack families, as the suite plans them (advdef.evaluators.attack_suite).
-MIN_PERTURBATION_ATTACKS = ('cw_l2', 'deepfool', 'ifgsm_min')
+MIN_PERTURBATION_ATTACKS = ('cw_l2', 'deepfool', 'ifgsm_min', 'trust_region')
 GRADIENT_ATTACKS = ('fgsm', 'pgd', 'apgd', 'apgd_targeted', 'autoattack_standard',
-                    'autoattack_rand', 'cw_l2', 'deepfool', 'ifgsm_min')
+                    'autoattack_rand', 'cw_l2', 'deepfool', 'ifgsm_min', 'trust_region')
 ITERATIVE_ATTACKS = ('pgd', 'apgd', 'apgd_targeted', 'autoattack_standard', 'autoattack_rand')
 
 
