@@ -17,6 +17,7 @@ Schema::
               'per_draw_accuracy', 'per_draw_ci95', 'num_draws',
               'nll', 'ece', 'brier', 'calibration_bins',
               'median_perturbation', 'median_relative_perturbation',
+              'paper_relative_noise', 'paper_absolute_noise', 'paper_noise_space',
               'worst_case', 'attacks', 'seconds'}],
     'checks': [{'defense': str, 'name': str, 'status': 'pass'|'warn'|'fail',
                 'detail': str}],
@@ -58,7 +59,8 @@ _REQUIRED_ROW_KEYS = ('defense', 'attack', 'norm', 'epsilon', 'accuracy', 'ci95'
 _OPTIONAL_ROW_KEYS = ('per_draw_accuracy', 'per_draw_ci95', 'num_draws', 'nll', 'ece', 'brier',
                       'calibration_bins', 'median_perturbation', 'median_relative_perturbation',
                       'worst_case', 'attacks', 'seconds', 'stochastic', 'threat', 'eot_samples',
-                      'success_rate', 'attack_success_rate', 'ensemble', 'tolerance_curve')
+                      'success_rate', 'attack_success_rate', 'ensemble', 'tolerance_curve',
+                      'paper_relative_noise', 'paper_absolute_noise', 'paper_noise_space')
 _CHECK_KEYS = ('defense', 'name', 'status', 'detail')
 _SWEEP_KEYS = ('defense', 'param', 'values', 'clean_accuracy', 'robust_accuracy', 'attack',
                'epsilon')
@@ -126,7 +128,7 @@ _ROW_RULES = (
     # NaN is allowed here (e.g. an NLL that overflowed); it is written as null.
     *((key, lambda v: v is None or _is_number(v), 'a number or None')
       for key in ('nll', 'ece', 'brier', 'median_perturbation', 'median_relative_perturbation',
-                  'seconds')),
+                  'paper_relative_noise', 'paper_absolute_noise', 'seconds')),
     ('worst_case', lambda v: isinstance(v, (bool, np.bool_)), 'a bool'),
 )
 _CHECK_RULES = (
@@ -357,6 +359,9 @@ _PERTURBATION_COLUMNS = (
     ('median_perturbation', 'median pert.', lambda r: _num(r.get('median_perturbation'), '.4g')),
     ('median_relative_perturbation', 'median rel. pert.',
      lambda r: _num(r.get('median_relative_perturbation'), '.4g')),
+    # The JumpReLU paper's "Rel. Noise": a mean over all examples, in the normalised space.
+    ('paper_relative_noise', 'paper rel. noise',
+     lambda r: _num(r.get('paper_relative_noise'), '.4g')),
 )
 _SECONDS_COLUMNS = (('seconds', 'seconds', lambda r: _num(r.get('seconds'), '.1f')),)
 

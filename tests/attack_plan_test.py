@@ -60,3 +60,52 @@ def test_sap_bpda_skips_single_step_fgsm_for_the_first_iterative_attack():
   assert [label for label in plans if label.endswith('+bpda')] == ['pgd(steps=3)+bpda']
   # Transfer still goes with the first gradient attack, FGSM.
   assert 'fgsm+transfer(none)' in plans and 'pgd(steps=3)+transfer(none)' not in plans
+
+
+def test_transfer_attacks_all_gives_every_gradient_attack_a_gray_box_row():
+  attacks = ['ifgsm_min(steps=3)', 'deepfool(norm=linf)', 'deepfool(norm=l2)', 'pgd(steps=3)',
+             'square(queries=10)']
+  first = _plans('jump(kappa=0.5)', attacks)
+  assert sorted(l for l in first if 'transfer' in l) == [
+      'ifgsm_min(steps=3)+transfer(kappa=0)', 'pgd(steps=3)+transfer(kappa=0)']
+  every = _plans('jump(kappa=0.5)', attacks, transfer_attacks='all')
+  # Square is score based: a transfer row would be the undefended model's own Square.
+  assert sorted(l for l in every if 'transfer' in l) == sorted(
+      f'{a}+transfer(kappa=0)' for a in attacks[:4])
+  assert every['deepfool(norm=l2)+transfer(kappa=0)'].kwargs['norm'] == 'l2'
+  assert every['deepfool(norm=linf)+transfer(kappa=0)'].craft.text == 'none'
+
+
+def test_transfer_attacks_is_validated_with_its_choices():
+  import pytest
+  from advdef import evaluators
+  e = config_utils.base_config().eval
+  e.transfer_attacks = 'every'
+  with pytest.raises(ValueError, match="eval.transfer_attacks.*first_of_kind.*all"):
+    evaluators.parse_eval_config(e)
+
+
+def test_minimum_perturbation_attacks_may_name_their_own_norm_fixed_budget_ones_may_not():
+  import pytest
+  from advdef import evaluators
+  e = config_utils.base_config().eval
+  e.update(norm='linf', epsilons=(0.1,), attacks=('deepfool(norm=l2)', 'deepfool'))
+  parsed = evaluators.parse_eval_config(e).attacks
+  plans = attack_suite.plan_attacks(retrofit.parse_defense('none'), parsed, e)
+  assert [p.kwargs['norm'] for p in plans] == ['l2', 'linf']
+  e.attacks = ('ifgsm_min(norm=l2)',)
+  with pytest.raises(ValueError, match=r"ifgsm_min\(norm=l2\).*norm.*linf"):
+    evaluators.parse_eval_config(e)
+  e.attacks = ('pgd(norm=l2)',)
+  with pytest.raises(ValueError, match="'norm' comes from eval.epsilons"):
+    evaluators.parse_eval_config(e)
+
+
+def test_targeted_attacks_and_autoattack_standard_may_be_listed_in_eval_attacks():
+  # The up-front check traces each attack on a ten-class toy model, so APGD-T's default
+  # nine target classes fit.
+  from advdef import evaluators
+  e = config_utils.base_config().eval
+  e.update(epsilons=(0.1,), attacks=('apgd_targeted(steps=5)', 'autoattack_standard(steps=5)'))
+  assert [a.name for a in evaluators.parse_eval_config(e).attacks] == [
+      'apgd_targeted', 'autoattack_standard']

@@ -24,6 +24,9 @@ WILSON = {(2, 5): (0.1176, 0.7693), (3, 5): (0.2307, 0.8824), (4, 5): (0.3755, 0
           (2, 6): (0.0968, 0.7000)}
 
 
+PIXELS = (np.zeros(1, np.float32), np.ones(1, np.float32), '[0, 1] pixels')
+
+
 def _assert_wilson(ci, k, n):
   np.testing.assert_allclose(ci, WILSON[(k, n)], atol=1e-4)
 
@@ -135,7 +138,7 @@ def test_perturbation_fields_judge_on_fresh_draws_with_an_inclusive_tolerance():
   junk = np.full((2,) + x_adv.shape[1:], 0.77, np.float32)
   adv = [x_adv[:4], np.concatenate([x_adv[4:], junk])]
   fields, norms = attack_suite._perturbation_fields(adv, success, correct, images, 'l2', 6,
-                                                    TOLERANCES)
+                                                    TOLERANCES, PIXELS)
   assert norms.dtype == np.float32
   assert norms.tolist() == [0.25, 0.625, 0.125, 0.5, 0.0, 0.0625]
   assert fields['success_rate'] == pytest.approx(4 / 6)          # ~correct: 0, 1, 3, 4
@@ -157,16 +160,48 @@ def test_perturbation_fields_judge_on_fresh_draws_with_an_inclusive_tolerance():
 
 def test_perturbation_fields_without_tolerances_or_success_or_any_broken_example():
   images, x_adv, correct, _ = _perturbation_case()
-  fields, norms = attack_suite._perturbation_fields([x_adv], None, correct, images, 'l2', 6, ())
+  fields, norms = attack_suite._perturbation_fields([x_adv], None, correct, images, 'l2', 6, (),
+                                                    PIXELS)
   assert 'tolerance_curve' not in fields and 'attack_success_rate' not in fields
   assert fields['success_rate'] == pytest.approx(4 / 6)
   fields, _ = attack_suite._perturbation_fields([x_adv], None, np.ones(6, bool), images, 'l2',
-                                                6, (0.0, 1.0))
+                                                6, (0.0, 1.0), PIXELS)
   assert fields['success_rate'] == 0.0 and fields['median_perturbation'] is None
   assert [p['accuracy'] for p in fields['tolerance_curve']] == [1.0, 1.0]
   # L-inf: the largest single change.
-  _, norms = attack_suite._perturbation_fields([x_adv], None, correct, images, 'linf', 6, ())
+  _, norms = attack_suite._perturbation_fields([x_adv], None, correct, images, 'linf', 6, (),
+                                               PIXELS)
   assert norms.tolist() == [0.25, 0.5, 0.125, 0.5, 0.0, 0.0625]
+
+
+def test_paper_noise_is_the_mean_over_all_examples_in_the_normalised_space():
+  # Two 1x2x1 images; the second unchanged (the attack failed, or it was already wrong).
+  x = np.array([[[[0.5], [1.0]]], [[[0.2], [0.4]]]], np.float32)
+  x_adv = x.copy()
+  x_adv[0, 0, 0, 0] += 0.1
+  x_adv[0, 0, 1, 0] -= 0.2
+  mean, std = np.array([0.25], np.float32), np.array([0.5], np.float32)
+  fields = attack_suite.paper_noise(x, x_adv, 'linf', (mean, std, 'normalised'))
+  # Normalised: x0 = (0.5, 1.5), delta0 = (0.2, -0.4): max|delta| / max|x| = 0.4 / 1.5; the
+  # second example counts as 0 in the mean over both.
+  assert fields['paper_relative_noise'] == pytest.approx(0.4 / 1.5 / 2)
+  assert fields['paper_absolute_noise'] == pytest.approx(0.4 / 2)
+  fields = attack_suite.paper_noise(x, x_adv, 'l2', (mean, std, 'normalised'))
+  rel = (0.2**2 + 0.4**2)**0.5 / (0.5**2 + 1.5**2)**0.5
+  assert fields['paper_relative_noise'] == pytest.approx(rel / 2)
+  assert fields['paper_noise_space'] == 'normalised'
+  # In pixels the same perturbation is relatively smaller (no centring by the mean).
+  pixels = attack_suite.paper_noise(x, x_adv, 'linf', PIXELS)
+  assert pixels['paper_relative_noise'] == pytest.approx(0.2 / 1.0 / 2)
+
+
+def test_the_paper_noise_space_follows_the_models_normalisation():
+  lenet = models.create_model('lenet_like', num_classes=10, mean=(0.13,), std=(0.31,))
+  mean, std, text = attack_suite._paper_noise_space(lenet)
+  assert mean.tolist() == pytest.approx([0.13]) and std.tolist() == pytest.approx([0.31])
+  assert 'mean/std' in text
+  raw = models.create_model('lenet5_caffe', num_classes=10, normalize='none')
+  assert attack_suite._paper_noise_space(raw)[2] == '[0, 1] pixels'
 
 
 # ----------------------------------------------------------------------------------------

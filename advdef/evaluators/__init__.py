@@ -51,6 +51,8 @@ def parse_eval_config(e) -> base.EvalPlan:
     if n > e.num_draws:
       raise ValueError(f'eval.ensemble_sizes[{i}]={n} exceeds eval.num_draws={e.num_draws}; '
                        'the ensembles are the first n of those draws')
+  validate.check_choice('eval.transfer_attacks', e.transfer_attacks,
+                        attack_suite.TRANSFER_ATTACKS)
   for i, t in enumerate(e.tolerances):
     validate.check_positive(f'eval.tolerances[{i}]', t, allow_zero=True)
   if not e.defenses:

@@ -11,7 +11,12 @@ the defense (`eval.adaptive`):
     and transfer from kappa = 0, the paper's gray-box setting (`+transfer(none)`);
   - SAP: the first iterative gradient attack also runs with BPDA (`+bpda`: SAP's forward pass, the
     identity as the mask's backward pass, with EOT), as Dhillon & Carlini's erratum attack;
-  - every defended model: transfer from the undefended model for the first gradient attack.
+  - every defended model: transfer from the undefended model for the first gradient attack of
+    each kind (fixed-budget, minimum-perturbation), or for every gradient attack with
+    `eval.transfer_attacks='all'` (the JumpReLU paper's gray-box tables).
+Minimum-perturbation rows also carry the JumpReLU paper's noise figures (`paper_relative_noise`,
+`paper_absolute_noise`: the mean over ALL attacked examples of ||delta|| / ||x|| and ||delta||,
+measured in the model's normalised input space, as the authors' `distance` does).
 Adversarial examples are always scored with the defense's own decision rule on fresh draws
 (Monte-Carlo average of `eval.num_draws` softmaxes for stochastic defenses); attack keys
 and scoring keys come from independent streams.
@@ -87,6 +92,13 @@ def parse_attacks(specs, field='eval.attacks') -> tuple[base.AttackSpec, ...]:
       raise ValueError(f'{field}[{i}]: unknown attack {name!r}; valid names: '
                        f'{", ".join(attacks.ATTACKS)}')
     for reserved in RESERVED_ATTACK_ARGS:
+      # A minimum-perturbation attack's norm is the one it minimises, not a budget's, so it
+      # may be chosen per attack (DeepFool-L2 beside DeepFool-L-inf in one suite).
+      if reserved == 'norm' and name in base.MIN_PERTURBATION_ATTACKS:
+        if 'norm' in kwargs:
+          validate.check_choice(f'{field}[{i}]={spec!r}: norm', kwargs['norm'],
+                                attacks.ATTACK_NORMS[name])
+        continue
       if reserved in kwargs:
         raise ValueError(f'{field}[{i}]={spec!r}: {reserved!r} comes from eval.epsilons / '
                          'eval.norm / eval.eot_samples, not from the attack spec')
@@ -124,7 +136,7 @@ def parse_eval_attacks(e) -> tuple[base.AttackSpec, ...]:
                        f'supports {attacks.ATTACK_NORMS[a.name]}')
     call = dict(a.kwargs)
     if a.name in base.MIN_PERTURBATION_ATTACKS:
-      call['norm'] = _attack_norm(a.name, norm)
+      call['norm'] = a.kwargs.get('norm') or _attack_norm(a.name, norm)
     else:
       call.update(eps=float(e.epsilons[0]), norm=norm)
     check_attack_call(f'eval.attacks[{i}]={a.label!r}', a.name, call)
@@ -136,12 +148,18 @@ def check_attack_call(label: str, name: str, kwargs: dict) -> None:
   hyperparameters fail before any compute with the attack's own message after `label`."""
   x = jnp.zeros((2, 2, 2, 1))
   y = jnp.zeros((2,), jnp.int32)
-  w = jnp.ones((4, 3))
+  # Ten classes, so that APGD-T's (and AutoAttack's) default 9 target classes fit.
+  w = jnp.ones((4, 10))
   toy = lambda x, key: x.reshape((x.shape[0], -1)) @ w
   try:
     jax.eval_shape(lambda: attacks.ATTACKS[name](toy, jax.random.key(0), x, y, **kwargs))
   except (TypeError, ValueError) as err:
     raise ValueError(f'{label}: {err}') from None
+
+
+# eval.transfer_attacks: which gradient attacks also get a transfer row from the undefended
+# model.
+TRANSFER_ATTACKS = ('first_of_kind', 'all')
 
 
 def _has_jump(spec: str) -> bool:
@@ -197,12 +215,12 @@ def plan_attacks(defense: retrofit.DefenseSpec, attack_specs: tuple[base.AttackS
     # perturbation, so that listing C&W first does not drop PGD's transfer row; SAP's BPDA
     # with the first iterative fixed-budget one.
     kind = 'min' if name in base.MIN_PERTURBATION_ATTACKS else 'budget'
-    first_of_kind = gradient and kind not in kinds_seen
+    first_of_kind = gradient and (kind not in kinds_seen or e.transfer_attacks == 'all')
     iterative = gradient and kind == 'budget' and name != 'fgsm'
     first_iterative = iterative and 'iterative' not in kinds_seen
     kw = dict(a.kwargs)
     if name in base.MIN_PERTURBATION_ATTACKS:
-      kw['norm'] = _attack_norm(name, e.norm)
+      kw['norm'] = kw.get('norm') or _attack_norm(name, e.norm)
     # Gradient attacks get EOT; Square keeps one draw per query (as AutoAttack's released
     # code does), since EOT multiplies its many queries; AutoAttack-rand has its own EOT.
     if defense.stochastic and e.adaptive and gradient and base.accepts(name, 'eot_samples') and \
@@ -348,6 +366,7 @@ def evaluate(ctx: base.Context) -> dict[str, Any]:
   attack_root, score_root, check_root = jax.random.split(ctx.key('attack_suite'), 3)
   batch_size = base.eval_batch_size(ctx)
   crafters = Crafters(ctx.model, variables, batch_size, ctx.mesh)
+  noise_space = _paper_noise_space(ctx.model)
   store = results.open_store(ctx)
   all_plans = [plan_attacks(defense, ctx.plan.attacks, e) for defense in ctx.plan.defenses]
   # Progress units: every attack row, and each defense's checks as one.
@@ -378,7 +397,8 @@ def evaluate(ctx: base.Context) -> dict[str, Any]:
           else:
             row, arrays = _attack_row(e, defense, plan, eps, images, labels, attack_key, scorer,
                                       crafters, lambda phase, start: base.batch_reporter(
-                                          bar, done, total, label, phase, start, 0.5))
+                                          bar, done, total, label, phase, start, 0.5),
+                                      noise_space)
             entry = store.put('attack_suite', index, entry_key, prng, row, arrays)
           row, correct = entry.value, entry.arrays['correct']
           if not plan.min_perturbation:
@@ -415,8 +435,37 @@ def evaluate(ctx: base.Context) -> dict[str, Any]:
   return {'rows': rows, 'checks': checks}
 
 
-def _attack_row(e, defense, plan, eps, images, labels, attack_key, scorer, crafters, report
-                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _paper_noise_space(model) -> tuple[np.ndarray, np.ndarray, str]:
+  """(mean, std, description) of the input space the JumpReLU paper measures noise in: the
+  model's own normalisation when it is by data-set statistics, else [0, 1] pixels."""
+  if getattr(model, 'normalize', None) == 'dataset':
+    return (np.asarray(model.mean, np.float32), np.asarray(model.std, np.float32),
+            'normalised by the data set mean/std')
+  return np.zeros(1, np.float32), np.ones(1, np.float32), '[0, 1] pixels'
+
+
+def paper_noise(x, x_adv, norm: str, space) -> dict[str, Any]:
+  """The JumpReLU paper's 'Rel. Noise' and 'Abs. Noise' of a minimum-perturbation attack.
+
+  The mean over ALL examples (fooled or not, 0 for an unchanged one) of ||delta|| / ||x|| and
+  of ||delta||, with x and delta in the normalised space `space` = (mean, std, text) per
+  channel; L-inf is max|.|, L2 the Euclidean norm (the authors' advfuns.distance). advdef's
+  own figure, `median_perturbation`, is the median over fooled examples in [0, 1] pixels.
+
+  Args:
+    x, x_adv: float32[B, H, W, C] in [0, 1].
+  """
+  mean, std, text = space
+  x_n = (np.asarray(x, np.float32) - mean) / std
+  delta_n = (np.asarray(x_adv, np.float32) - np.asarray(x, np.float32)) / std
+  absolute = np.asarray(attacks.perturbation_norms(np.zeros_like(delta_n), delta_n, norm))
+  size = np.asarray(attacks.perturbation_norms(np.zeros_like(x_n), x_n, norm))
+  return {'paper_relative_noise': float(np.mean(absolute / size)),
+          'paper_absolute_noise': float(np.mean(absolute)), 'paper_noise_space': text}
+
+
+def _attack_row(e, defense, plan, eps, images, labels, attack_key, scorer, crafters, report,
+                noise_space) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """One attack row and its per-example arrays: 'correct' bool[n] and, for minimum-
   perturbation attacks, 'perturbation_norm' float32[n]; report(phase, start) gives the
   on_batch callback of the crafting (first half of the row) and scoring (second half)."""
@@ -437,12 +486,13 @@ def _attack_row(e, defense, plan, eps, images, labels, attack_key, scorer, craft
   arrays = {'correct': correct}
   if plan.min_perturbation:
     fields, arrays['perturbation_norm'] = _perturbation_fields(adv, success, correct, images,
-                                                               norm, n, e.tolerances)
+                                                               norm, n, e.tolerances,
+                                                               noise_space)
     row.update(fields)
   return row, arrays
 
 
-def _perturbation_fields(adv, success, correct, images, norm, n, tolerances
+def _perturbation_fields(adv, success, correct, images, norm, n, tolerances, noise_space
                          ) -> tuple[dict[str, Any], np.ndarray]:
   """A minimum-perturbation row's fields and per-example norms float32[n].
 
@@ -464,6 +514,7 @@ def _perturbation_fields(adv, success, correct, images, norm, n, tolerances
             'median_perturbation': float(np.median(norms[broken])) if broken.any() else None,
             'median_relative_perturbation':
                 float(np.median(rel[broken])) if broken.any() else None}
+  fields.update(paper_noise(x, x_adv, norm, noise_space))
   if success is not None:
     fields['attack_success_rate'] = float(np.mean(success))
   if len(tolerances):
