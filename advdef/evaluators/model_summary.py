@@ -7,7 +7,10 @@
   for the architectures with a layer plan (lenet5_caffe, vgg16_anp).
 - vulnerability: mean |z(x) - z(x_adv)| over the activations (eval mode), with x_adv from
   `eval.vulnerability.attack` on the model itself (white-box) and on the model of
-  `eval.vulnerability.source` (black-box transfer), with the accuracy on those x_adv.
+  `eval.vulnerability.source` (black-box transfer), with the accuracy on those x_adv;
+  `white_box_per_feature`: per latent-feature site, in call order, {'site', 'vulnerability':
+  [per unit (channel / neuron) mean over examples and positions of |z(x) - z(x_adv)|]}
+  (the mean over a site's units is that site's term of the white-box vulnerability).
 - pruned_export: the physically pruned network (smaller conv and dense shapes), its largest
   deviation from the masked model and its measured speed-up over the dense masked model.
 """
@@ -18,6 +21,7 @@ import logging
 import os
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,16 +64,42 @@ def parse_vulnerability_config(e) -> base.AttackSpec | None:
   return base.AttackSpec(config_utils.spec_name(v.attack), name, kwargs)
 
 
-def _feature_fn(model, variables):
-  """x -> (logits, [features]) of the eval-mode model (its masks kept)."""
+def _feature_fn(model, variables, names: list[str] | None = None):
+  """x -> (logits, [features]) of the eval-mode model (its masks kept). names: a list the
+  first trace fills with the features' site names, in the order of the features."""
   capture = model.clone(hook=retrofit.compose(
       model.hook, pruning.mask_hook(None, training=False, capture_features=True)))
 
   def fn(x):
     logits, state = capture.apply(variables, x, train=False, mutable=['intermediates'])
+    if names is not None and not names:
+      names.extend(latent_feature_names(state['intermediates']))
     return logits, pruning.latent_features(state['intermediates'])
 
   return jax.jit(fn)
+
+
+def latent_feature_names(intermediates) -> list[str]:
+  """The site name of each of pruning.latent_features(intermediates), in the same order
+  (call it inside the traced function too: jit's outputs sort dict keys)."""
+  names = []
+  for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates)).items():
+    if path[-1] == 'latent':
+      names.extend(['/'.join(str(p) for p in path[:-1])] * len(value))
+  return names
+
+
+def per_unit_distortion_sums(features_clean, features_adv, mask) -> list[jax.Array]:
+  """Per feature, float32[units]: the sum over the examples where `mask` is True of each
+  unit's (last axis) mean over positions of |z(x) - z(x_adv)|; divided by the number of
+  examples it is the per-unit vulnerability, whose mean over units is the feature's term of
+  pruning.vulnerability."""
+  out = []
+  for a, b in zip(features_clean, features_adv):
+    d = jnp.abs(a - b)
+    d = jnp.mean(d, axis=tuple(range(1, d.ndim - 1))) if d.ndim > 2 else d  # [B, units]
+    out.append(jnp.sum(jnp.where(mask[:, None], d, 0.0), axis=0))
+  return out
 
 
 def vulnerability_rows(ctx: base.Context, variables, bar=None) -> dict[str, Any]:
@@ -83,7 +113,8 @@ def vulnerability_rows(ctx: base.Context, variables, bar=None) -> dict[str, Any]
   v, attack = e.vulnerability, ctx.plan.vulnerability
   n = v.num_examples or e.num_attack_examples or len(ctx.images)
   images, labels = ctx.images[:n], ctx.labels[:n]
-  features = _feature_fn(ctx.model, variables)
+  names: list[str] = []
+  features = _feature_fn(ctx.model, variables, names)
   sources = {'white_box': retrofit.make_logits_fn(ctx.model, variables)}
   if v.source:
     source_run = runs.load_run(v.source)
@@ -103,20 +134,27 @@ def vulnerability_rows(ctx: base.Context, variables, bar=None) -> dict[str, Any]
       logits_adv, adv_feats = features(x_adv)
       per_example = pruning.vulnerability_per_example(clean_feats, adv_feats)
       correct = (jnp.argmax(logits_adv, -1) == y) & mask
-      return jnp.sum(jnp.where(mask, per_example, 0.0)), jnp.sum(correct)
+      return (jnp.sum(jnp.where(mask, per_example, 0.0)), jnp.sum(correct),
+              per_unit_distortion_sums(clean_feats, adv_feats, mask))
 
-    total_v, correct = 0.0, 0
+    total_v, correct, unit_sums = 0.0, 0, None
     num_batches = -(-len(images) // e.batch_size)
     for i, batch in enumerate(data_lib.eval_batches(images, labels, e.batch_size)):
       batch = parallel.shard_batch(batch, ctx.mesh)
-      v_sum, c = batch_sums(batch['image'], batch['label'], batch['mask'],
-                            jax.random.fold_in(key, i))
+      v_sum, c, units = batch_sums(batch['image'], batch['label'], batch['mask'],
+                                   jax.random.fold_in(key, i))
       total_v += float(v_sum)
       correct += int(c)
+      units = [np.asarray(u, np.float64) for u in units]
+      unit_sums = units if unit_sums is None else [t + u for t, u in zip(unit_sums, units)]
       if bar is not None:
         bar.update(0, 1, f'{label} vulnerability', f'batch {i + 1}/{num_batches}')
     out[f'{label}_vulnerability'] = total_v / len(images)
     out[f'{label}_accuracy'] = correct / len(images)
+    if label == 'white_box' and unit_sums is not None:
+      out['white_box_per_feature'] = [
+          {'site': site, 'vulnerability': [float(f'{v:.6g}') for v in u / len(images)]}
+          for site, u in zip(names, unit_sums)]
   if v.source:
     out['source'] = v.source
   return out
