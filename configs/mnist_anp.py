@@ -15,7 +15,7 @@ recipe:
   anp_vs    ANP-VS: beta 4, lam 0.001, masks lr 10x the weights', from `base`
 base: the workdir of a trained `standard` run (needed by bp, anp, anp_vs).
 source=npz (../shared/data/mnist10k.npz, 8,000 / 2,000) | tfds (60k / 10k).
-cpu: the CPU-sized schedule of scripts/anp_mnist_cpu.py, for the 8,000 training images of
+cpu: the CPU-sized schedule (configs/repro_anp.py's cpu scale), for the 8,000 training images of
   source=npz: 8 epochs (20 for the base), lr x0.1 at 70% and 90%, PGD-10 at step 0.04 in
   training, and for the masks (bp, anp, anp_vs) four changes that make 1,000 steps enough,
   each measured with ANP-VS from the same base (README, "Training recipes"):

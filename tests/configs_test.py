@@ -27,6 +27,10 @@ VARIANTS = {
     # The eval-only experiments need base=<workdir>: tests/reproduce_test.py validates them.
     'repro_sap.py': [None, 'dense,smoke', 'dense,cpu', 'dense,full', 'adv,full'],
     'repro_rse.py': [None, 'plain,smoke', 'plain,cpu', 'rse,cpu', 'pgd_at,cpu', 'pgd_at,full'],
+    'repro_jumprelu.py': [None, 'lenet,smoke', 'lenet,cpu', 'resnet_robust,cpu',
+                          'resnet,full'],
+    'repro_anp.py': [None, 'mnist_standard,smoke', 'mnist_standard,cpu', 'mnist_at,cpu',
+                     'cifar_standard,full', 'cifar_at,full'],
 }
 # The smoke variant of every training recipe of the recipe configs, run end to end in CI.
 SMOKE_RUNS = [

@@ -6,10 +6,13 @@ subprocesses, each in DIR/<paper>/<experiment>, skipping those already finished,
 the paper's section of RESULTS.md (between `<!-- paper:<paper> begin -->` and
 `<!-- paper:<paper> end -->`) with its plots in results/<paper>/.
 
-  frame   the runner, progress and time estimates, the RESULTS.md sections, the verdict
-          rules and the readers of finished runs (reports, per-example results)
-  sap     the SAP paper's section (Dhillon et al., ICLR 2018)
-  rse     the RSE paper's section (Liu et al., ECCV 2018)
+  frame      the runner and its progress, the RESULTS.md sections, the verdict rules and the
+             readers of finished runs (reports, per-example results)
+  estimates  the run-time estimates: per-pass costs per network and platform
+  sap        the SAP paper's section (Dhillon et al., ICLR 2018)
+  rse        the RSE paper's section (Liu et al., ECCV 2018)
+  jumprelu   the JumpReLU paper's section (Erichson et al., ICPRAM 2020)
+  anp        the ANP-VS paper's section (Madaan et al., ICML 2020)
 
 A new paper is a config (configs/repro_<paper>.py with `experiments(scale)` and
 `get_config`), a section renderer `render(runs) -> Section`, and an entry in PAPERS.
@@ -17,7 +20,9 @@ A new paper is a config (configs/repro_<paper>.py with `experiments(scale)` and
 
 from __future__ import annotations
 
+from advdef.reproduce import anp
 from advdef.reproduce import frame
+from advdef.reproduce import jumprelu
 from advdef.reproduce import rse
 from advdef.reproduce import sap
 
@@ -26,9 +31,13 @@ PAPERS: dict[str, frame.Paper] = {
                        config='configs/repro_sap.py', render=sap.render),
     'rse': frame.Paper(name='rse', title='RSE (Liu et al., ECCV 2018)',
                        config='configs/repro_rse.py', render=rse.render),
+    'jumprelu': frame.Paper(name='jumprelu', title='JumpReLU (Erichson et al., ICPRAM 2020)',
+                            config='configs/repro_jumprelu.py', render=jumprelu.render),
+    'anp': frame.Paper(name='anp', title='ANP-VS (Madaan et al., ICML 2020)',
+                       config='configs/repro_anp.py', render=anp.render),
 }
-# Papers whose reproduction is planned (issue 15) but not built yet.
-PLANNED = ('jumprelu', 'anp')
+# Papers whose reproduction is planned but not built yet (they answer 'not built yet').
+PLANNED: tuple[str, ...] = ()
 
 
 def get_paper(name: str) -> frame.Paper:

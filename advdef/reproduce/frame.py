@@ -21,7 +21,6 @@ import base64
 import dataclasses
 import glob
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -32,21 +31,20 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
-from advdef import attacks as attacks_lib
 from advdef import config_utils
 from advdef import files
 from advdef import reporting
-from advdef import retrofit
-from advdef.evaluators import attack_suite
 from advdef.evaluators import results as results_lib
+from advdef.reproduce import estimates
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCALES = ('smoke', 'cpu', 'full')
 SCALE_NOTE = {
     'smoke': 'Smoke scale: a tiny model on a few fake images, to test the plumbing; the numbers '
              'mean nothing.',
-    'cpu': 'CPU scale: real CIFAR-10 images, but a small training set, a short schedule and '
-           'few attacked examples; it shows trends, not the paper\'s numbers.',
+    'cpu': 'CPU scale: real images (CIFAR-10 from cifar10_partial, MNIST from mnist10k), but a '
+           'small training set, a short schedule and few attacked examples; it shows trends, '
+           'not the paper\'s numbers.',
     'full': "Full scale: the paper's data, network and schedule.",
 }
 ESTIMATE_NOTE = {
@@ -140,7 +138,7 @@ def plan(paper: Paper, scale: str, root: str) -> RunSet:
       arg += f',base={workdir(root, paper, exp.needs)}'
     config = module.get_config(arg)
     run = Run(exp, workdir(root, paper, exp.name), arg, config,
-              estimate_seconds(config, 'gpu' if scale == 'full' else 'cpu2'))
+              estimates.estimate_seconds(config, 'gpu' if scale == 'full' else 'cpu2'))
     run.report = read_report(run)
     runs.append(run)
   return RunSet(paper, scale, root, runs)
@@ -175,123 +173,6 @@ def read_report(run: Run) -> dict | None:
     raise ValueError(f'{path} was made with another config ({shown}{more}); remove that '
                      'workdir or use another --root')
   return report
-
-
-# Seconds per image pass (forward; forward + backward) and per compilation, per platform.
-# cpu2: measured on 2 AMD EPYC cores shared with another job, i.e. about one effective core
-# (process CPU time = wall time): ResNet-20 training 58 img/s at batch 128; SAP after every
-# ReLU 16-21 ms per image per forward and 19-23 ms per forward + backward at eval batches of
-# 10-50 (the sampler dominates, so k matters little); SAP programs took 18-30 s to compile.
-# `speedup`: a quiet 2-core machine is assumed 1.7x faster (not measured: XLA's scaling to
-# the second core). gpu: assumed, not measured (no GPU was available): a datacenter GPU
-# ~100x the one core on these passes. vgg16 (cpu2): the quarter-width CPU network
-# (width_divisor=4), measured on 2 cores at batch 32 (1.2 / 3.2 ms plain, 1.5 / 4.2 ms with
-# RSE noise) and scaled to one effective core; its training rate from the RSE CPU runs (46
-# img/s with two runners and other jobs sharing the 2 cores, taken as about 2x slower than
-# one effective core); its full-width GPU costs are assumed.
-COSTS = {
-    'cpu2': {
-        'speedup': 1.7, 'startup': 10.0, 'train_compile': 30.0,
-        'train_img_s': {'resnet20': 58.0, 'small_cnn': 4000.0, 'vgg16': 90.0},
-        'pass': {('resnet20', 'none'): (1.5e-3, 3.8e-3), ('resnet20', 'random'): (16e-3, 19e-3),
-                 ('small_cnn', 'none'): (3e-5, 6e-5), ('small_cnn', 'random'): (1e-4, 2e-4),
-                 ('vgg16', 'none'): (2.0e-3, 5.4e-3), ('vgg16', 'random'): (2.6e-3, 7.1e-3)},
-        'compile': {('resnet20', 'none'): 4.0, ('resnet20', 'random'): 25.0,
-                    ('small_cnn', 'none'): 0.7, ('small_cnn', 'random'): 1.2,
-                    ('vgg16', 'none'): 8.0, ('vgg16', 'random'): 12.0},
-    },
-    'gpu': {
-        'speedup': 1.0, 'startup': 30.0, 'train_compile': 60.0,
-        'train_img_s': {'resnet20': 15000.0, 'small_cnn': 100000.0, 'vgg16': 8000.0},
-        'pass': {('resnet20', 'none'): (2e-5, 5e-5), ('resnet20', 'random'): (1.5e-4, 2e-4),
-                 ('small_cnn', 'none'): (1e-6, 2e-6), ('small_cnn', 'random'): (4e-6, 8e-6),
-                 ('vgg16', 'none'): (4e-5, 1e-4), ('vgg16', 'random'): (5e-5, 1.2e-4)},
-        'compile': {('resnet20', 'none'): 20.0, ('resnet20', 'random'): 60.0,
-                    ('small_cnn', 'none'): 2.0, ('small_cnn', 'random'): 4.0,
-                    ('vgg16', 'none'): 30.0, ('vgg16', 'random'): 40.0},
-    },
-}
-# Passes per training example of a recipe, relative to standard training (an attack's steps
-# each cost about one forward + backward).
-_RECIPE_PASSES = {'pgd_at': lambda kw: 1 + kw.get('steps', 10),
-                  'trades': lambda kw: 1 + kw.get('steps', 10),
-                  'fgsm_mix': lambda kw: 1.5}
-DATA_SIZES = {'cifar10_partial': (4660, 846), 'cifar10': (50000, 10000),
-              'mnist10k': (8000, 2000), 'mnist': (60000, 10000)}
-
-
-def _default(name: str, arg: str):
-  return inspect.signature(attacks_lib.ATTACKS[name]).parameters[arg].default
-
-
-def gradient_passes(name: str, kwargs: dict) -> float:
-  """Forward + backward passes per example of one attack run (an estimate)."""
-  get = lambda k: kwargs.get(k, _default(name, k)) if k in inspect.signature(
-      attacks_lib.ATTACKS[name]).parameters else 1
-  eot, restarts = get('eot_samples'), get('restarts')
-  if name == 'fgsm':
-    return eot
-  if name == 'autoattack_rand':
-    return 2 * (get('steps') + 2) * eot * restarts
-  if name == 'autoattack_standard':
-    return get('steps') * (restarts + get('num_target_classes')) + get('queries') / 2
-  if name == 'square':
-    return get('queries') / 2
-  steps = get('steps') if 'steps' in inspect.signature(attacks_lib.ATTACKS[name]).parameters \
-      else 20
-  rounds = get('search_steps') if name == 'cw_l2' else 1  # C&W's binary search over c
-  return (steps + 1) * restarts * eot * rounds
-
-
-def cost_ratio(c, model: str) -> float:
-  """Forward + backward cost with a random defense over without (noisy training)."""
-  passes = c['pass']
-  if (model, 'none') not in passes or (model, 'random') not in passes:
-    return 1.0
-  return passes[(model, 'random')][1] / passes[(model, 'none')][1]
-
-
-def estimate_seconds(config, platform: str) -> float:
-  """A run's wall time from the cost table: start-up, training, and per defense its clean
-  scoring and every attack the suite plans (attack passes + scoring draws), compilations."""
-  c = COSTS[platform]
-  model = config.model.name
-  seconds = c['startup']
-  train_size, test_size = DATA_SIZES.get(
-      config.data.name, (config.data.fake_num_train, config.data.fake_num_test))
-  if not config.train.checkpoint and config.train.num_epochs:
-    (recipe, kwargs), = config_utils.parse_spec(config.train.recipe)
-    passes = _RECIPE_PASSES.get(recipe, lambda kw: 1.0)(kwargs)
-    if retrofit.parse_defense(config.train.defense).stochastic:
-      passes *= cost_ratio(c, model)
-    seconds += c['train_compile'] + passes * config.train.num_epochs * train_size / c[
-        'train_img_s'].get(model, 100.0)
-  e = config.eval
-  n = min(e.num_examples or test_size, test_size)
-  n_attack = min(e.num_attack_examples or n, n)
-  specs = attack_suite.parse_attacks(e.attacks)
-  cost = lambda kind: c['pass'].get((model, kind), (1e-3, 3e-3))
-  compile_s = lambda kind: c['compile'].get((model, kind), 10.0)
-  for text in e.defenses:
-    defense = retrofit.parse_defense(text)
-    kind = 'random' if defense.stochastic else 'none'
-    draws = e.num_draws if defense.stochastic else 1
-    fwd = cost(kind)[0]
-    seconds += compile_s(kind)
-    if 'clean' in e.evaluators:
-      seconds += n * draws * fwd
-    if 'attack_suite' not in e.evaluators:
-      continue
-    plans = attack_suite.plan_attacks(defense, specs, e)
-    for p in plans:
-      craft = 'random' if p.craft.stochastic else 'none'
-      per_example = gradient_passes(p.name, p.kwargs) * cost(craft)[1] + draws * fwd
-      seconds += len(e.epsilons) * n_attack * per_example + compile_s(craft)
-    main = next((p for p in plans if p.name in ('pgd', 'apgd')), None)
-    if e.checks and main is not None:  # large eps, convergence (x4), fixed randomness
-      seconds += 6 * n_attack * gradient_passes(main.name, main.kwargs) * cost(kind)[1]
-      seconds += 3 * compile_s(kind)
-  return seconds / c['speedup']
 
 
 def minutes(seconds: float) -> str:
@@ -407,7 +288,7 @@ def describe(runs: RunSet, out: TextIO = sys.stdout) -> None:
   """--list: every experiment with its estimate, state and command."""
   total = sum(r.estimate_s for r in runs.runs)
   left = sum(r.estimate_s for r in runs.runs if r.report is None)
-  platform = COSTS['gpu' if runs.scale == 'full' else 'cpu2']
+  platform = estimates.COSTS['gpu' if runs.scale == 'full' else 'cpu2']
   print(f'{runs.paper.title}, scale {runs.scale}: {len(runs.runs)} experiments, estimated '
         f'{minutes(total)} ({minutes(left)} left'
         + (f'; {minutes(total * platform["speedup"])} on one effective core'
@@ -527,6 +408,18 @@ class Measure:
   def text(self) -> str:
     lo, hi = self.ci95
     return f'{100 * self.accuracy:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]'
+
+
+def versus(a: Measure | None, b: Measure | None, b_name: str) -> str:
+  """A claim's cell: 'a [ci]' or 'a [ci] vs <b_name> b [ci]'; '—' without a."""
+  if a is None:
+    return '—'
+  return a.text() + ('' if b is None else f' vs {b_name} {b.text()}')
+
+
+def counts(*measures: Measure | None) -> str:
+  """A claim's n: the distinct example counts of its measures, in the order given."""
+  return ' / '.join(dict.fromkeys(str(m.n) for m in measures if m is not None)) or '—'
 
 
 def compare(a: Measure | None, b: Measure | None) -> str | None:

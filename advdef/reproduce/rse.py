@@ -26,6 +26,7 @@ from advdef import config_utils
 from advdef import evaluation
 from advdef import plots
 from advdef import reporting
+from advdef.reproduce import estimates
 from advdef.reproduce import frame
 
 PAPER = 'papers.md'
@@ -160,16 +161,6 @@ def _at(models, name, tols, t, paper_only):
   return m.curve(tols, paper_only)[tols.index(t)]
 
 
-def _vs(a, b, b_name):
-  if a is None:
-    return '—'
-  return a.text() + ('' if b is None else f' vs {b_name} {b.text()}')
-
-
-def _n(*measures) -> str:
-  return ' / '.join(dict.fromkeys(str(m.n) for m in measures if m is not None)) or '—'
-
-
 def ensemble_points(row: dict | None) -> dict[int, frame.Measure]:
   if not row or not row.get('ensemble'):
     return {}
@@ -186,8 +177,8 @@ def claims(models: dict[str, Model], tols, scale: str) -> list[list[str]]:
   undefended = models.get('undefended')
   out.append([f'Under C&W L2 within a distortion tolerance the unprotected VGG drops below 10% '
               f'({t_text}: the smallest tolerance where it does; the paper does not give its '
-              'value)', source, '< 10%', _vs(und_p, None, ''), 'n/a (deterministic)',
-              _n(und_p), frame.NOT_RUN if undefended is None or not undefended.cw else
+              'value)', source, '< 10%', frame.versus(und_p, None, ''), 'n/a (deterministic)',
+              frame.counts(und_p), frame.NOT_RUN if undefended is None or not undefended.cw else
               frame.REPRODUCED if t is not None else frame.NOT_REPRODUCED])
   rse_p, rse_a = (_at(models, 'RSE', tols, t, p) for p in (True, False))
   for other, label, number in (
@@ -200,10 +191,10 @@ def claims(models: dict[str, Model], tols, scale: str) -> list[list[str]]:
     verdict = frame.comparative_verdict(frame.compare(rse_p, o_p), frame.compare(rse_a, o_a))
     out.append([f'RSE is more accurate than {label} under C&W at {t_text}',
                 source if other != 'noise at inference' else f'{PAPER} §4.4 [UNVERIFIED]',
-                f'86% vs {number}', _vs(rse_p, o_p, other), _vs(rse_a, o_a, other),
-                _n(rse_p, rse_a), verdict])
+                f'86% vs {number}', frame.versus(rse_p, o_p, other), frame.versus(rse_a, o_a, other),
+                frame.counts(rse_p, rse_a), verdict])
   out.append(['RSE keeps 86% under C&W at the tolerance where the unprotected model is below '
-              '10%', source, '86%', _vs(rse_p, None, ''), _vs(rse_a, None, ''), _n(rse_p),
+              '10%', source, '86%', frame.versus(rse_p, None, ''), frame.versus(rse_a, None, ''), frame.counts(rse_p),
               frame.NOT_RUN if rse_p is None else frame.value_verdict(PAPER_RSE, rse_p)
               if scale == 'full' else frame.NOT_COMPARABLE])
   rse = models.get('RSE')
@@ -219,11 +210,11 @@ def claims(models: dict[str, Model], tols, scale: str) -> list[list[str]]:
   out.append(['The self-ensemble\'s clean accuracy saturates by about 10 draws (within '
               f'{100 * SATURATION_POINTS:.0f} points of n = {max(points) if points else 50})',
               f'{PAPER} §4.2 [UNVERIFIED]', 'not available in the sources (a figure)', cell,
-              'n/a', _n(*points.values()), verdict])
+              'n/a', frame.counts(*points.values()), verdict])
   und = models.get('undefended')
   full = frame.Measure.of(und.clean_full if und else None)
   out.append(['The unprotected VGG-16 reaches 92% clean accuracy', source, '92%',
-              _vs(full, None, ''), 'n/a', _n(full), frame.NOT_RUN if full is None else
+              frame.versus(full, None, ''), 'n/a', frame.counts(full), frame.NOT_RUN if full is None else
               frame.value_verdict(0.92, full) if scale == 'full' else frame.NOT_COMPARABLE])
   return out
 
@@ -245,7 +236,7 @@ def _tolerance_table(models: dict[str, Model], tols) -> str:
         name = ('per-example worst of every C&W row (1 draw, EOT, transfer) and of PGD-L2 at '
                 't >= its eps' if m.stochastic else 'per-example worst of C&W and of PGD-L2 at '
                 't >= its eps')
-      rows.append([m.name, name] + [c.text() if c else '—' for c in curve] + [_n(*curve)])
+      rows.append([m.name, name] + [c.text() if c else '—' for c in curve] + [frame.counts(*curve)])
   if not rows:
     return 'No C&W run has finished.\n'
   return reporting.format_table(rows, ['model', 'C&W'] + [f't = {t:g}' for t in tols] + ['n'])
@@ -300,7 +291,7 @@ def _ensemble_table(models: dict[str, Model]) -> str:
   for name, what, p in entries:
     if p:
       rows.append([name, what] + [p[n].text() if n in p else '—' for n in sizes]
-                  + [_n(*p.values())])
+                  + [frame.counts(*p.values())])
   if not rows:
     return 'No ensemble-size result yet.\n'
   return reporting.format_table(rows, ['model', 'scored on'] + [f'n = {n}' for n in sizes]
@@ -313,7 +304,7 @@ def _departures(runs: frame.RunSet) -> list[str]:
   if train:
     c = train.config
     t, data = c.train, c.data
-    sizes = frame.DATA_SIZES.get(data.name, (data.fake_num_train, data.fake_num_test))
+    sizes = estimates.DATA_SIZES.get(data.name, (data.fake_num_train, data.fake_num_test))
     out.append(f'Data: `{data.source}:{data.name}`, {sizes[0]:,} training / {sizes[1]:,} test '
                'images (paper: CIFAR-10, 50,000 / 10,000).')
     width = c.model.kwargs.get('width_divisor', 1) if c.model.kwargs else 1

@@ -21,6 +21,7 @@ from advdef import config_utils
 from advdef import evaluation
 from advdef import plots
 from advdef import reporting
+from advdef.reproduce import estimates
 from advdef.reproduce import frame
 
 ADAPTIVE_LAMBDA = 8
@@ -114,17 +115,6 @@ def gather(runs: frame.RunSet) -> dict[str, Model]:
 # Claims.
 
 
-def _vs(a: frame.Measure | None, b: frame.Measure | None, b_name: str) -> str:
-  if a is None:
-    return '—'
-  return a.text() + ('' if b is None else f' vs {b_name} {b.text()}')
-
-
-def _n(*measures) -> str:
-  ns = [str(m.n) for m in measures if m is not None]
-  return ' / '.join(dict.fromkeys(ns)) or '—'
-
-
 def _ece(row) -> float | None:
   return None if row is None or row.get('ece') is None else float(row['ece'])
 
@@ -145,7 +135,7 @@ def claims(models: dict[str, Model], scale: str) -> list[list[str]]:
                                         if w is not None else None)
     out.append([f'SAP-{k} is more accurate than the dense model under attack (λ = 8)',
                 robust_source, 'not available in the sources (curves only)',
-                _vs(p, d_fgsm, 'dense'), _vs(w, d_worst, 'dense'), _n(p, w), verdict])
+                frame.versus(p, d_fgsm, 'dense'), frame.versus(w, d_worst, 'dense'), frame.counts(p, w), verdict])
   for k in (10, 20, 50, 100):
     m = get(f'SAP-{k}')
     pairs, cells = [], []
@@ -157,29 +147,29 @@ def claims(models: dict[str, Model], scale: str) -> list[list[str]]:
         cells.append(f'ECE {what}: {_ece(a):.3f} vs dense {_ece(b):.3f}')
     out.append([f'SAP-{k} preserves calibration', f'{PAPER} §1.5 (abstract)',
                 'not available in the sources (a figure)', '; '.join(cells) or '—',
-                'n/a (claimed for the paper\'s protocol)', _n(frame.Measure.of(
+                'n/a (claimed for the paper\'s protocol)', frame.counts(frame.Measure.of(
                     m.clean if m else None)), frame.calibration_verdict(pairs)])
   s100 = get('SAP-100')
   w100 = s100.worst()[0] if s100 else None
   p100 = frame.Measure.of(s100.fgsm.get(ADAPTIVE_LAMBDA)) if s100 else None
   out.append(['SAP is broken at 8/255: 0% accuracy under EOT (Athalye et al. 2018)',
               f'{ADAPTIVE_DOC} §1.3; {PAPER} §1.5', '0%',
-              f'(the paper\'s FGSM, SAP-100) {_vs(p100, None, "")}', _vs(w100, None, ''),
-              _n(p100, w100), frame.value_verdict(0.0, w100)])
+              f'(the paper\'s FGSM, SAP-100) {frame.versus(p100, None, "")}', frame.versus(w100, None, ''),
+              frame.counts(p100, w100), frame.value_verdict(0.0, w100)])
   bpda = [r for r in (s100.adaptive if s100 else []) if r['attack'].startswith('BPDA: ')]
   b = frame.Measure.of(min(bpda, key=lambda r: r['accuracy'])) if bpda else None
   out.append(['BPDA through SAP reaches about 0.1% (Dhillon & Carlini 2020 erratum, '
               '[memory], unverified)', f'{ADAPTIVE_DOC} §1.5', '≈ 0.1%', 'n/a',
-              f'(BPDA, SAP-100) {_vs(b, None, "")}', _n(b), frame.value_verdict(0.001, b)])
+              f'(BPDA, SAP-100) {frame.versus(b, None, "")}', frame.counts(b), frame.value_verdict(0.001, b)])
   full = frame.Measure.of((dense.clean_full or dense.clean) if dense else None)
   out.append(['Dense ResNet-20 clean accuracy ≈ 89.8%', f'{PAPER} §1.3 [UNVERIFIED]', '89.8%',
-              _vs(full, None, ''), 'n/a', _n(full),
+              frame.versus(full, None, ''), 'n/a', frame.counts(full),
               frame.NOT_RUN if full is None else frame.value_verdict(0.898, full)
               if scale == 'full' else frame.NOT_COMPARABLE])
   adv = get('ADV')
   adv_clean = frame.Measure.of((adv.clean_full or adv.clean) if adv else None)
   out.append(['The ADV model (80% clean + 20% FGSM at λ = 2) reaches 75.0% clean',
-              f'{PAPER} §1.3 [PAGE]', '75.0%', _vs(adv_clean, None, ''), 'n/a', _n(adv_clean),
+              f'{PAPER} §1.3 [PAGE]', '75.0%', frame.versus(adv_clean, None, ''), 'n/a', frame.counts(adv_clean),
               frame.NOT_RUN if adv_clean is None else frame.value_verdict(0.75, adv_clean)
               if scale == 'full' else frame.NOT_COMPARABLE])
   a100 = get('ADV+SAP-100')
@@ -188,7 +178,7 @@ def claims(models: dict[str, Model], scale: str) -> list[list[str]]:
   wa, wb = (a100.worst()[0] if a100 else None), (adv.worst()[0] if adv else None)
   out.append(['ADV+SAP-100 is more accurate than ADV under attack (λ = 8)',
               f'{PAPER} §1.3 (ADV+SAP evaluated; its numbers are not available in the sources)',
-              'not available in the sources', _vs(pa, pb, 'ADV'), _vs(wa, wb, 'ADV'), _n(pa, wa),
+              'not available in the sources', frame.versus(pa, pb, 'ADV'), frame.versus(wa, wb, 'ADV'), frame.counts(pa, wa),
               frame.comparative_verdict(frame.compare(pa, pb),
                                         frame.compare(wa, wb) if wa else None)])
   out.append(['Random noisy / randomly scaled activations (RNA, RSA) and test-time dropout '
@@ -210,11 +200,11 @@ def _fgsm_table(models: dict[str, Model]) -> str:
     clean = frame.Measure.of(m.clean)
     rows.append([m.name, clean.text() if clean else '—']
                 + [frame.Measure.of(m.fgsm[lam]).text() if lam in m.fgsm else '—'
-                   for lam in lams] + [_n(*(frame.Measure.of(r) for r in m.fgsm.values()))])
+                   for lam in lams] + [frame.counts(*(frame.Measure.of(r) for r in m.fgsm.values()))])
     if m.transfer:
       rows.append([f'{m.name}, FGSM crafted on the undefended model', '—']
                   + [frame.Measure.of(m.transfer[lam]).text() if lam in m.transfer else '—'
-                     for lam in lams] + [_n(*(frame.Measure.of(r)
+                     for lam in lams] + [frame.counts(*(frame.Measure.of(r)
                                                for r in m.transfer.values()))])
   if not rows:
     return 'No paper-protocol run has finished.\n'
@@ -268,7 +258,7 @@ def _departures(runs: frame.RunSet) -> list[str]:
   t = train.config.train if train else None
   if train:
     data = train.config.data
-    sizes = frame.DATA_SIZES.get(data.name, (data.fake_num_train, data.fake_num_test))
+    sizes = estimates.DATA_SIZES.get(data.name, (data.fake_num_train, data.fake_num_test))
     out.append(f'Data: `{data.source}:{data.name}`, {sizes[0]:,} training / {sizes[1]:,} test '
                'images (paper: CIFAR-10, 50,000 / 10,000).')
     shape = tuple(data.fake_shape) if data.source == 'fake' else (32, 32, 3)
