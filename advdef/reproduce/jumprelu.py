@@ -391,13 +391,16 @@ def _not_run(runs: frame.RunSet) -> list[str]:
 
 _PROTOCOL_STYLE = {'clean (test)': ('black', '-'), 'clean (validation)': ('gray', ':'),
                    'gray-box (paper)': ('tab:blue', '-'), 'white-box (paper)': ('tab:orange', '-'),
-                   'adaptive worst case': ('tab:red', '-')}
+                   'adaptive worst case': ('tab:red', '-'),
+                   'PGD-20 (white-box)': ('tab:purple', '--'),
+                   'PGD-20, worst of its threats': ('tab:purple', '-')}
 
 
 def kappa_figure(models: dict[str, Model], names: tuple[str, ...],
                  chosen: dict[str, float | None]):
   """Accuracy against kappa, one panel per model: clean (validation, test), the paper's
-  gray-box and white-box protocols and the adaptive worst case, with 95% bands."""
+  gray-box and white-box protocols, the adaptive worst case and the fixed-budget PGD rows,
+  with 95% bands."""
   drawn = [models[n] for n in names if n in models and models[n].kappas]
   if not drawn:
     return None
@@ -414,6 +417,8 @@ def kappa_figure(models: dict[str, Model], names: tuple[str, ...],
         'gray-box (paper)': [m.measure(k, 'gray-box') for k in ks],
         'white-box (paper)': [m.measure(k, 'white-box') for k in ks],
         'adaptive worst case': [m.measure(k, 'adaptive') for k in ks],
+        'PGD-20 (white-box)': [m.fixed_budget(k, False) for k in ks],
+        'PGD-20, worst of its threats': [m.fixed_budget(k, True) for k in ks],
     }
     for label, points in lines.items():
       xs = [k for k, p in zip(ks, points) if p is not None]
