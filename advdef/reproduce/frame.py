@@ -248,10 +248,14 @@ def timing_table(runs: RunSet) -> str:
     rows.append([r.experiment.name, r.experiment.what,
                  minutes(wall) if wall else '—', minutes(r.estimate_s)])
   estimated = minutes(sum(r.estimate_s for r in runs.runs))
+  made = sorted(r.report['created'][:10] for r in runs.runs
+                if r.report is not None and r.report.get('created'))
+  dates = '' if not made else (f' Runs made {made[0]}' + (f' to {made[-1]}' if made[-1] != made[0]
+                                                          else '') + ' (report.json).')
   return (reporting.format_table(rows, ['experiment', 'what', 'measured', 'estimated'])
           + f'\nTotal measured: {minutes(spent)} (process start-up included; a machine '
           'shared with other jobs, or runners in parallel, stretches it); '
-          f'estimated: {estimated} ({ESTIMATE_NOTE[runs.scale]}).\n')
+          f'estimated: {estimated} ({ESTIMATE_NOTE[runs.scale]}).{dates}\n')
 
 
 def accuracy_figure(height: float = 4.2):
