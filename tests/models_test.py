@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import pytest
 
@@ -151,3 +152,20 @@ def test_input_gradient_convolutions_stay_canonical_inside_a_rolled_loop():
   labels = [part.split(',')[0] for part in text.split('dim_labels=')[1:]]
   assert len(labels) >= 4, labels  # forward and input-gradient convolutions were compiled
   assert all(label.endswith('_01io->b01f') for label in labels), labels
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (2, 7, 9, 2)])  # even, and odd (VALID crop)
+def test_max_pool_equals_flax_in_values_and_gradients_with_ties(shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  x = jnp.where(x > 0.3, 0.3, x)  # many ties: the gradient must go to each window's first max
+  weights = jax.random.normal(jax.random.key(1), (shape[0], shape[1] // 2, shape[2] // 2,
+                                                   shape[3]))
+  flax_pool = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))
+  loss = lambda pool: (lambda v: jnp.sum(pool(v) * weights))
+  np.testing.assert_array_equal(models._max_pool(x), flax_pool(x))
+  got, want = jax.grad(loss(models._max_pool))(x), jax.grad(loss(flax_pool))(x)
+  np.testing.assert_array_equal(got, want)
+  assert int(jnp.sum(got != 0)) == weights.size  # one entry per window, never split
+  # Under jit and vmap (EOT draws) too.
+  batched = jax.jit(jax.vmap(jax.grad(loss(models._max_pool))))(jnp.stack([x, -x]))
+  np.testing.assert_array_equal(batched[1], jax.grad(loss(flax_pool))(-x))
