@@ -374,6 +374,39 @@ def test_gaussian_noise_moments_and_identity():
   assert not np.array_equal(a, defenses.gaussian_noise(jax.random.key(25), y, sigma=0.1))
 
 
+def test_gaussian_noise_law_is_standard_normal_and_symmetric():
+  # The sampler is sqrt(2) erfinv(v) on a symmetric 23-bit grid: check the whole law (KS),
+  # the tails (P(|z| > 3) exactly), and that v never reaches +-1 (finite samples).
+  z = np.asarray(defenses.gaussian_noise(jax.random.key(26), jnp.zeros((400_000,)), sigma=1.0),
+                 np.float64)
+  assert np.isfinite(z).all()
+  assert stats.kstest(z, 'norm').pvalue > ALPHA
+  tail = 2 * stats.norm.sf(3.0)
+  assert abs(np.mean(np.abs(z) > 3) - tail) < Z * math.sqrt(tail * (1 - tail) / z.size)
+  # The extreme grid points map to finite values below 5.5 sigma in magnitude.
+  assert np.abs(z).max() < 5.5
+  # bfloat16 activations get float32 noise rounded to bfloat16.
+  h = defenses.gaussian_noise(jax.random.key(27), jnp.zeros((8, 4), jnp.bfloat16), sigma=0.5)
+  assert h.dtype == jnp.bfloat16 and np.isfinite(np.asarray(h, np.float32)).all()
+
+
+def test_random_words_are_prefix_stable_uniform_and_differ_by_key():
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(3), jnp.arange(4))
+  short, long = defenses._random_words(keys, 7), defenses._random_words(keys, 4000)
+  np.testing.assert_array_equal(short, long[:, :7])  # odd counts included
+  bits = np.unpackbits(np.asarray(long).view(np.uint8))
+  assert abs(bits.mean() - 0.5) < Z * 0.5 / math.sqrt(bits.size)
+  assert len({tuple(row[:4]) for row in np.asarray(long)}) == 4
+  # Both words of a block are used: the stream is not jax.random.bits' (one word per block).
+  assert not np.array_equal(long[0, :8], jax.random.bits(keys[0], (8,), jnp.uint32))
+  # Other key implementations fall back to jax.random.bits, so sap accepts them too.
+  rbg = jax.random.split(jax.random.key(0, impl='rbg'), 2)
+  assert defenses._random_words(rbg, 5).shape == (2, 5)
+  h = jax.nn.relu(jax.random.normal(jax.random.key(1), (2, 64)))
+  kept = defenses.sap(jax.random.key(5, impl='rbg'), h, frac=1.0)
+  assert kept.shape == h.shape and np.isfinite(np.asarray(kept)).all()
+
+
 def test_gaussian_noise_vmap_over_sigma_equals_loop():
   y = jax.random.normal(jax.random.key(26), (4, 5))
   key = jax.random.key(27)
