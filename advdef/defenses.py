@@ -75,7 +75,13 @@ Cost (scripts/bench_sap.py, 2-core CPU, forward + backward of one 16 x 32 x 32 p
 at batch 128): about 35-60 ms, against about 1 ms for the ReLU and 18-26 ms for a 3 x 3 16->16
 convolution on the same tensor; float32 inverse CDF with `jnp.searchsorted` takes about 80 ms,
 a binomial-splitting tree about 430 ms, and the Gumbel categorical is infeasible. A ResNet-20
-with SAP-100 after its 19 ReLUs runs about 3x slower than the undefended model.
+with SAP-100 after its 19 ReLUs: 3.9x the undefended forward + backward (scripts/benchmark.py
+--quick, batch 8, 2026-11-28; 4.2x before the random words used both halves of each Threefry
+block). Where a site's time goes (32 x 32 x 32 x 16, batch 32, about 19 ms): taking out the
+binary search saves about half, the scatter of hits a fifth, the random words a sixth (before
+that change). The search runs 4-5 dependent gathers per draw: runs of ReLU zeros share one
+CDF value, so the fullest guide bucket holds 14-17 units; a guide table 2x or 4x finer left
+that unchanged (and ran slower), and compacting the zeros out costs another cumsum and scatter.
 """
 
 from __future__ import annotations
@@ -190,24 +196,37 @@ def _tree_sum(a: jax.Array) -> jax.Array:
   return a
 
 
-def _random_words(keys: jax.Array, count: int) -> jax.Array:
-  """uint32[k, count]: `count` random words per key, a stream prefix-stable in `count`.
+def _random_words(keys: jax.Array, count: int, half: int | None = None) -> jax.Array:
+  """uint32[k, count]: `count` random words per key from both words of Threefry-2x32 blocks.
 
-  Threefry keys (JAX's default) use BOTH 32-bit words of each Threefry-2x32 block: block i
-  (counter (i, 0)) gives words 2i and 2i + 1. `jax.random.bits` runs one block per word and
-  XORs its halves (the partitionable layout), so this hashes half as much; the bits were
-  about half of the sampler's time on CPU. Keys of other implementations use
-  `jax.random.bits`.
+  `jax.random.bits` (the partitionable layout) hashes one block per 32-bit word and XORs its
+  halves; this uses both halves, so it hashes half as much. The stream comes in tiles of
+  2 * half words: tile t is the first words of blocks [t * half, (t + 1) * half) followed by
+  their second words. For a fixed `half` (default ceil(count / 2)) the stream is prefix-stable
+  in `count`. Halves are concatenated, not interleaved: XLA:CPU ran the interleaved stream
+  (stack + reshape) about 1.8x slower in an RSE ResNet-20 gradient pass. Keys of other
+  implementations (rbg) use `jax.random.bits`.
   """
   if str(jax.random.key_impl(keys)) != 'threefry2x32':
     return jax.vmap(lambda kk: jax.random.bits(kk, (count,), jnp.uint32))(keys)
+  half = half or -(-count // 2)
+  tiles, last = divmod(count, 2 * half)
+  # Blocks needed: `half` per full tile, and for a last partial tile of `last` words, one
+  # block per word up to `half` (its first words, then second words from the same blocks).
+  num_blocks = tiles * half + min(last, half)
   data = jax.random.key_data(keys)                               # uint32[k, 2]
-  block = jnp.arange(-(-count // 2), dtype=jnp.uint32)[None, :]
+  block = jnp.arange(num_blocks, dtype=jnp.uint32)[None, :]
   # Keys [k, 1] against counters [1, m]: the primitive broadcasts them inside its (rolled, on
   # CPU) round loop; passing [k, m] copies of the keys made that loop 4x slower.
   first, second = jax_random_ext.threefry2x32_p.bind(data[:, 0:1], data[:, 1:2], block,
                                                      jnp.zeros_like(block))
-  return jnp.stack([first, second], axis=-1).reshape(keys.shape[0], -1)[:, :count]
+  parts = []
+  for t in range(tiles):
+    parts += [first[:, t * half:(t + 1) * half], second[:, t * half:(t + 1) * half]]
+  if last:
+    start = tiles * half
+    parts += [first[:, start:], second[:, start:start + max(0, last - half)]]
+  return jnp.concatenate(parts, axis=1)
 
 
 def _sap_hits_chunk(a: jax.Array, keys: jax.Array, num_draws: jax.Array, *,
@@ -252,7 +271,8 @@ def _sap_hits_chunk(a: jax.Array, keys: jax.Array, num_draws: jax.Array, *,
   span = jnp.maximum(jnp.max(hist[:, 1:], initial=0.0), jnp.max(last_span).astype(jnp.float32))
   steps = jnp.ceil(jnp.log2(span + 1.0)).astype(jnp.int32)
   # Draws: example b uses its own stream, prefix-stable in max_draws.
-  u = (_random_words(keys, max_draws) >> 2).astype(jnp.int32)   # uniform on [0, 2^30)
+  # half = ceil(n / 2), fixed by n: the stream is prefix-stable in max_draws (frac traced or not).
+  u = (_random_words(keys, max_draws, -(-n // 2)) >> 2).astype(jnp.int32)  # uniform, [0, 2^30)
   base = first.ravel()[(u >> shift) + rows * num_buckets]
   cdf_flat, row_start = cdf.ravel(), rows * n
 

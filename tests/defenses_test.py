@@ -392,8 +392,12 @@ def test_gaussian_noise_law_is_standard_normal_and_symmetric():
 
 def test_random_words_are_prefix_stable_uniform_and_differ_by_key():
   keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(3), jnp.arange(4))
-  short, long = defenses._random_words(keys, 7), defenses._random_words(keys, 4000)
-  np.testing.assert_array_equal(short, long[:, :7])  # odd counts included
+  # For a fixed tile (half), every count is a prefix of a longer one: within the first
+  # tile's first words, across into its second words, and across tiles (counts > 2 * half).
+  long = defenses._random_words(keys, 4000, 1500)
+  for count in (7, 1499, 1500, 1501, 2999, 3001):
+    np.testing.assert_array_equal(defenses._random_words(keys, count, 1500), long[:, :count])
+  assert len(np.unique(np.asarray(long))) > 0.99 * long.size  # no repeated blocks
   bits = np.unpackbits(np.asarray(long).view(np.uint8))
   assert abs(bits.mean() - 0.5) < Z * 0.5 / math.sqrt(bits.size)
   assert len({tuple(row[:4]) for row in np.asarray(long)}) == 4
