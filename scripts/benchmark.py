@@ -30,10 +30,39 @@ float32 precision and step count):
   7 flops    Achieved FLOP/s of a train step and of one PGD step (FLOPs from XLA's
              `cost_analysis()` of the compiled step) as a fraction of the machine's measured
              float32 matmul peak (the best of several large matmuls in this run).
+  9 loops    (diag) Per attack family, one iteration inside the attack's own compiled loop
+             against the same model work jitted alone. The attack is jitted at two step
+             counts S1 < S2, its other arguments equal; in_loop_step_s = (T(S2) - T(S1)) /
+             (S2 - S1) seconds cancels its set-up; step_alone_s is the seconds of one call of
+             the step alone; ratio = in-loop / alone (1 = the loop runs at the speed of its
+             step; target <= 1.1). T is the minimum over the rounds (a difference of two
+             medians of a few rounds carries the load noise of both). lenet_like b=32, S 2/12
+             (quick); ResNet-20 b=32, 5/20 (full); the tiny PreActResNet b=2, 1/2 (tiny).
+             Labels are the model's clean predictions, so every example starts correct.
+             "Step alone", per family:
+               PGD, APGD-CE, IFGSM-min, PGD-AT crafting: a gradient pass (the input gradient
+                 of the summed cross-entropy) and a sign step;
+               EOT-PGD: k such passes vmapped over draws of a noisy model (noise(sigma=0.1),
+                 RSE's input layer: RSE's inner layers too double the compile time);
+               C&W-L2: a gradient pass of the summed margin (search_steps=1, `steps` varied;
+                 the loop's tanh and Adam update are elementwise);
+               Square: a forward pass and the margin;
+               DeepFool: a forward pass and 9 vector-Jacobian products (z_k - z_y for the 9
+                 other classes, vmapped as DeepFool does), their norms and a step;
+               trust_region: a forward pass and 1 vjp (z_t - z_y), its norm and a step.
+             The `lax.while_loop` attacks, which stop once every example is fooled (Square,
+             DeepFool, IFGSM-min, trust_region), are kept from fooling any: eps, step size and
+             radius 1e-6, and DeepFool overshoot=-1, traced (below its validated range: it
+             keeps x_adv = x, with the same work per iteration). Checked: an example still
+             classified as y after S2 iterations means the loop ran them all. PGD-AT crafting
+             is `advdef.recipes._pgd`, the call the pgd_at train step crafts with (unrolled
+             on CPU, as the train step does). PGD, EOT-PGD, APGD and PGD-AT start from x
+             (random_start=False; the start is set-up, and its sampler costs compile time).
 
 Method. Every timed function is compiled (advdef) or built (peers) and run once as a warm-up;
 then `repeats` rounds run every candidate of a comparison once each, in rotating order, so
-load from other processes hits all candidates alike; the table reports medians. Model
+load from other processes hits all candidates alike; the table reports medians (section 9:
+minima). Model
 parameters are arguments of the jitted functions, never closed-over constants. PyTorch runs
 in a subprocess (scripts/peer_reference.py) in an isolated virtual environment with
 `torch.set_num_threads` equal to the cores JAX uses; its models are checked to give advdef's
@@ -42,9 +71,10 @@ OMP_WAIT_POLICY=PASSIVE (`--torch-omp-wait-policy`): with the spinning default, 
 10-100x slower on a 2-core machine shared with other processes. On a GPU the same script times
 the GPU (results blocked on, `torch.cuda.synchronize`), with TF32 off on both sides.
 
-Rows marked (diag) are diagnostics, not peers and not used for targets: the very step of
-advdef's PGD (or vectorised EOT) jitted alone and called from a Python loop, which separates
-the cost of the step from the cost of running it inside `lax.fori_loop`.
+Rows marked (diag) are diagnostics, not peers: the very step of advdef's PGD (or vectorised
+EOT) jitted alone and called from a Python loop, which separates the cost of the step from the
+cost of running it inside `lax.fori_loop`; section 9 does the same for every attack family, and
+its worst ratio is the only diagnostic with a target (loops/worst).
 
 Peers (PyTorch, torchattacks, foolbox) are installed and started by scripts/peers_setup.py
 (`python scripts/peers_setup.py` prepares them ahead of a run), never into advdef's
@@ -72,7 +102,7 @@ import time
 import traceback
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # Run from a checkout without installing the package.
@@ -87,6 +117,7 @@ import optax  # noqa: E402
 from advdef import attacks  # noqa: E402
 from advdef import defenses  # noqa: E402
 from advdef import models  # noqa: E402
+from advdef import recipes  # noqa: E402
 from advdef import retrofit  # noqa: E402
 from advdef import training  # noqa: E402
 
@@ -103,20 +134,26 @@ MODES: dict[str, dict[str, Any]] = {
     'full': dict(resnet_depth=20, pgd_steps=20, pgd_batch={'resnet20': 128, 'lenet_like': 256},
                  train_batch={'resnet20': 128, 'lenet_like': 128}, sap_batch=128,
                  sap_anchor_batch=512, quickstart='configs/quickstart.py', sap_layer_batch=128, eot_k=10, eot_batch=32, eot_steps=10,
-                 sweep_examples=200, sweep_steps=10, sweep_points=10, repeats=5, matmul_n=4096),
+                 sweep_examples=200, sweep_steps=10, sweep_points=10, repeats=5, matmul_n=4096,
+                 loops_model='resnet20', loops_batch=32, loops_steps=(5, 20)),
     'quick': dict(resnet_depth=20, pgd_steps=20, pgd_batch={'resnet20': 32, 'lenet_like': 64},
                   train_batch={'resnet20': 32, 'lenet_like': 64}, sap_batch=8,
                   sap_anchor_batch=512, quickstart='configs/quickstart.py',
                   sap_layer_batch=16, eot_k=4, eot_batch=4, eot_steps=5, sweep_examples=64,
-                  sweep_steps=5, sweep_points=10, repeats=3, matmul_n=2048),
+                  sweep_steps=5, sweep_points=10, repeats=3, matmul_n=2048,
+                  loops_model='lenet_like', loops_batch=32, loops_steps=(2, 12)),
     'tiny': dict(resnet_depth=2, pgd_steps=2, pgd_batch={'resnet20': 2, 'lenet_like': 4},
                  train_batch={'resnet20': 4, 'lenet_like': 4}, sap_batch=2, sap_layer_batch=2,
                  sap_anchor_batch=4, quickstart=None,
                  eot_k=2, eot_batch=2, eot_steps=2, sweep_examples=8, sweep_steps=2,
-                 sweep_points=2, repeats=1, matmul_n=256),
+                 sweep_points=2, repeats=1, matmul_n=256,
+                 loops_model='resnet20', loops_batch=2, loops_steps=(1, 2),
+                 # Four families cover the three loop kinds (fori, while, jacobian) in CI.
+                 loops_families=('PGD', 'APGD-CE', 'Square', 'DeepFool')),
 }
 
-# (key, description, op, threshold). Values are ratios > 1 = advdef better, except 'sap'.
+# (key, description, op, threshold). Values are ratios > 1 = advdef better, except 'sap',
+# 'quickstart' (seconds) and 'loops' (in-loop step / step alone), where lower is better.
 TARGETS = (
     ('pgd/resnet20', 'PGD ResNet-20 vs fastest PyTorch (plain/torchattacks)', '>=', 1.5),
     ('pgd/lenet_like', 'PGD lenet_like vs fastest PyTorch (plain/torchattacks)', '>=', 1.5),
@@ -128,6 +165,7 @@ TARGETS = (
      3.0),
     ('flops/train_fraction', 'train step FLOP/s / measured matmul peak (ResNet-20)', '>=', 0.25),
     ('quickstart/cold', 'quick start end to end, empty compilation cache (s)', '<=', 90.0),
+    ('loops/worst', 'worst attack in-loop step / step alone', '<=', 1.1),
 )
 
 
@@ -793,6 +831,221 @@ def bench_quickstart(ctx) -> dict[str, Any]:
   return out
 
 
+# ------------------------------------------------------------------------------------------
+# 9. Loop overhead per attack family: one iteration inside the attack's loop vs alone.
+
+
+# The stochastic model of the EOT family: Gaussian noise on the input (RSE's first layer). With
+# RSE's inner noise layers too, the family took 42 s of the quick run instead of 20 (compile).
+LOOPS_EOT_SPEC = 'noise(sigma=0.1)'
+
+
+class LoopFamily(NamedTuple):
+  """One attack family of the 'loops' section.
+
+  attack(logits_fn, key, x, y, n, **hparams) -> x_adv runs the attack for n iterations of its
+  loop (n static). hparams (float32 scalars) are jit arguments, so values picked to keep every
+  example unfooled (1e-6) stay traced, as in real use. alone(logits_fn, key, x, y) -> array is
+  the model work of one iteration (`step_alone` describes it). early_stop: the loop is a
+  `lax.while_loop` that ends once every example is fooled, so the run is checked.
+  """
+  attack: Callable
+  hparams: dict[str, float]
+  alone: Callable
+  step_alone: str
+  hook: str | None = None
+  early_stop: bool = False
+  note: str = ''
+
+
+def _grad_pass(loss_fn, draws: int = 1):
+  """Step alone: the input gradient of the summed per-example loss (mean over `draws` draws of
+  the model's randomness, vmapped as the attacks' EOT is), and a sign step in the box."""
+
+  def alone(logits_fn, key, x, y):
+    def total(z):
+      if draws == 1:
+        return jnp.sum(loss_fn(logits_fn(z, key), y))
+      per_draw = jax.vmap(lambda k: loss_fn(logits_fn(z, k), y))(jax.random.split(key, draws))
+      return jnp.sum(jnp.mean(per_draw, axis=0))
+    return jnp.clip(x + 1e-6 * jnp.sign(jax.grad(total)(x)), 0.0, 1.0)
+
+  return alone
+
+
+def _jacobian_pass(m: int):
+  """Step alone: a forward pass and m vector-Jacobian products, the gradients of z_k - z_y for
+  m classes k != y (vmapped over the cotangents, as DeepFool does), each one's L2 norm, and a
+  sign step along the closest linearised boundary (so no product is dead code)."""
+
+  def alone(logits_fn, key, x, y):
+    logits, vjp_fn = jax.vjp(lambda z: logits_fn(z, key), x)
+    k = logits.shape[-1]
+    others = (y[:, None] + 1 + jnp.arange(m)[None, :]) % k                 # [B, m]
+    cotangents = jax.nn.one_hot(others, k) - jax.nn.one_hot(y, k)[:, None, :]
+    w = jax.vmap(lambda c: vjp_fn(c)[0], in_axes=1, out_axes=1)(cotangents)  # [B, m, ...]
+    norms = jnp.sqrt(jnp.sum(jnp.square(w.reshape(*w.shape[:2], -1)), axis=-1))
+    gap = jnp.take_along_axis(logits, y[:, None], -1) - jnp.take_along_axis(logits, others, -1)
+    best = jnp.argmin(jnp.abs(gap) / (norms + 1e-8), axis=1)
+    w_best = jnp.take_along_axis(w, best.reshape((-1, 1) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+    return jnp.clip(x + 1e-6 * jnp.sign(w_best), 0.0, 1.0)
+
+  return alone
+
+
+def _forward_pass(logits_fn, key, x, y):
+  """Step alone of a score-based attack: one forward pass and the margin of its logits."""
+  return attacks.margin(logits_fn(x, key), y)
+
+
+def _pgd_at_crafting(logits_fn, key, x, y, n, **hparams):
+  """PGD-AT's crafting loop as its train step runs it: `advdef.recipes._pgd` (the only call the
+  pgd_at recipe makes to craft), which unrolls the loop when the train step asks; the train
+  step asks on CPU (`training.make_train_step`'s `unroll_attacks` default)."""
+  step_context = recipes.StepContext(  # _pgd reads only `unroll`.
+      forward=None, eval_logits_fn=None, cross_entropy=None, num_train=0,
+      unroll=jax.default_backend() == 'cpu')
+  h = {**recipes.parse_recipe(f'pgd_at(eps=1, steps={n}, random_start=False)').hparams,
+       **hparams}
+  return recipes._pgd(step_context, h, logits_fn, key, x, y)  # pylint: disable=protected-access
+
+
+def loop_families(eps: float, eot_k: int) -> dict[str, LoopFamily]:
+  """The attack families of the 'loops' section (eps: the model's L-inf budget in pixels).
+
+  PGD, EOT-PGD, APGD and PGD-AT start from x (random_start=False): the random start is set-up,
+  which the two-step-count difference cancels anyway, and its sampler costs ~2 s of compile per
+  program on 2 CPU cores.
+  """
+  grad_ce = _grad_pass(attacks.cross_entropy)  # One object for four families: one compile.
+  grad_ce_desc = 'gradient pass: grad of the summed CE w.r.t. the input, sign step'
+  unfooled = 'checked: examples still classified as y after S2, so all iterations ran'
+  return {
+      'PGD': LoopFamily(
+          lambda lf, k, x, y, n, **h: attacks.pgd(lf, k, x, y, steps=n, random_start=False,
+                                                  **h),
+          {'eps': eps, 'step_size': eps / 4}, grad_ce, grad_ce_desc,
+          note='rolled lax.fori_loop'),
+      'EOT-PGD': LoopFamily(
+          lambda lf, k, x, y, n, **h: attacks.pgd(lf, k, x, y, steps=n, random_start=False,
+                                                  eot_samples=eot_k, **h),
+          {'eps': eps, 'step_size': eps / 4}, _grad_pass(attacks.cross_entropy, eot_k),
+          f'{eot_k} gradient passes vmapped over draws (mean CE), sign step',
+          hook=LOOPS_EOT_SPEC, note=f'{LOOPS_EOT_SPEC}, eot_samples={eot_k}'),
+      'APGD-CE': LoopFamily(
+          lambda lf, k, x, y, n, **h: attacks.apgd(lf, k, x, y, steps=n, loss='ce',
+                                                   random_start=False, **h),
+          {'eps': eps}, grad_ce, grad_ce_desc,
+          note='the step-size bookkeeping is in the loop, not in the step alone'),
+      'Square': LoopFamily(
+          lambda lf, k, x, y, n, **h: attacks.square(lf, k, x, y, queries=n, **h),
+          {'eps': 1e-6}, _forward_pass, 'forward pass and margin', early_stop=True,
+          note=f'eps=1e-6; iterations = queries - 1; {unfooled}'),
+      'C&W-L2': LoopFamily(
+          lambda lf, k, x, y, n, **h: attacks.cw_l2(lf, k, x, y, steps=n, search_steps=1, **h),
+          {}, _grad_pass(attacks.margin),
+          'gradient pass: grad of the summed margin w.r.t. the input, sign step',
+          note='search_steps=1, steps varied; the loop also runs tanh and Adam'),
+      'DeepFool': LoopFamily(
+          lambda lf, k, x, y, n, **h: attacks.deepfool(lf, k, x, y, steps=n, **h),
+          {'overshoot': -1.0}, _jacobian_pass(9),  # 10 classes considered: 9 candidates.
+          'forward pass + 9 vjps (vmapped), norms and a step', early_stop=True,
+          note=('overshoot=-1 (traced: below its validated range >= 0) keeps x_adv = x: same '
+                f'work per iteration, nothing fooled; {unfooled}')),
+      'IFGSM-min': LoopFamily(
+          lambda lf, k, x, y, n, **h: attacks.ifgsm_min(lf, k, x, y, steps=n, **h),
+          {'step_size': 1e-6}, grad_ce, grad_ce_desc, early_stop=True,
+          note=f'step_size=1e-6; {unfooled}'),
+      'trust_region': LoopFamily(
+          lambda lf, k, x, y, n, **h: attacks.trust_region(lf, k, x, y, steps=n, **h),
+          {'radius': 1e-6, 'overshoot': 0.0}, _jacobian_pass(1),
+          'forward pass + 1 vjp (z_t - z_y), its norm and a step', early_stop=True,
+          note=f'radius=1e-6 (steps of ~1e-4 L2); {unfooled}'),
+      'PGD-AT crafting': LoopFamily(
+          _pgd_at_crafting, {'eps': eps, 'step_size': eps / 4}, grad_ce, grad_ce_desc,
+          note=f'recipes._pgd, unroll={jax.default_backend() == "cpu"} (the train step\'s)'),
+  }
+
+
+def time_loop_family(family: LoopFamily, model, variables, x, y, steps, repeats, predict,
+                     alone_cache: dict) -> dict[str, Any]:
+  """One family's row: the attack jitted at steps S1 < S2 and its step alone, interleaved.
+
+  in_loop_step_s = (T(S2) - T(S1)) / (S2 - S1) seconds, which cancels the attack's set-up;
+  step_alone_s = seconds of one call of the step alone. T is the minimum over the rounds, not
+  the median: load from other processes only adds time, and a difference of two medians of a
+  few rounds carries the load noise of both (on a loaded 2-core machine, quick runs gave
+  ratios from 0.5 to 1.6 with medians, 0.9 to 1.2 with minima). An early-stopping attack's S2
+  run is checked with `predict` (variables, x) -> labels. alone_cache maps (alone, hook) to
+  (compiled, compile seconds), so families sharing a step alone compile it once.
+  """
+  hook = retrofit.build_hook(family.hook) if family.hook else None
+  hparams = {k: jnp.float32(v) for k, v in family.hparams.items()}
+  args = (variables, _key(61), x, y)
+
+  def attack_fn(n):
+    return jax.jit(lambda v, key, x, y, h: family.attack(
+        retrofit.make_logits_fn(model, v, hook), key, x, y, n, **h))
+
+  if (family.alone, family.hook) not in alone_cache:
+    alone_cache[family.alone, family.hook] = compile_jit(jax.jit(
+        lambda v, key, x, y: family.alone(retrofit.make_logits_fn(model, v, hook), key, x, y)),
+        *args)
+  alone_c, alone_compile_s = alone_cache[family.alone, family.hook]
+  s1, s2 = steps
+  (run1, compile1), (run2, compile2) = (compile_jit(attack_fn(n), *args, hparams) for n in steps)
+  times = interleaved(warmed({'s1': timer(run1, *args, hparams),
+                              's2': timer(run2, *args, hparams),
+                              'alone': timer(alone_c, *args)}), repeats)
+  t1, t2, alone = (min(times[k]) for k in ('s1', 's2', 'alone'))
+  in_loop = (t2 - t1) / (s2 - s1)
+  out = {'in_loop_step_s': in_loop, 'step_alone_s': alone, 'ratio': ratio(in_loop, alone),
+         'steps': [s1, s2], 'attack_min_s': [t1, t2], 'step_alone': family.step_alone,
+         'seconds': times, 'note': family.note,
+         'compile_s': {'s1': compile1, 's2': compile2, 'alone': alone_compile_s}}
+  if in_loop <= 0:
+    out['note'] = 'not measured: T(S2) <= T(S1), timing noise; raise --repeats'
+  if family.early_stop:
+    # An example classified as y at the end was never fooled, so the loop ran all S2 steps.
+    still = float(jnp.mean(predict(variables, run2(*args, hparams)) == y))
+    out['still_correct_after_s2'] = still
+    if still == 0:
+      out.update(ratio=None, note=f'not measured: every example fooled within {s2} '
+                                   'iterations, the loop may have stopped early')
+  return out
+
+
+def bench_loops(ctx) -> dict[str, Any]:
+  """Per attack family: the marginal seconds of one iteration of the attack's own compiled loop
+  against the same model work jitted alone (see the module docstring, section 9)."""
+  cfg, repeats = ctx['cfg'], ctx['repeats']
+  name, b, steps = cfg['loops_model'], cfg['loops_batch'], cfg['loops_steps']
+  model = make_model(name, cfg['resnet_depth'])
+  variables = make_variables(model, SHAPES[name])
+  x, _ = make_batch(SHAPES[name], b, seed=6)
+  predict = jax.jit(lambda v, z: jnp.argmax(model.apply(v, z, train=False), axis=-1))
+  # Labels = the clean predictions: every example starts correctly classified, so the
+  # early-stopping attacks have work in every iteration.
+  y = predict(variables, x)
+  families, alone_cache = {}, {}
+  chosen = cfg.get('loops_families')  # None: every family.
+  for label, family in loop_families(EPS[name], cfg['eot_k']).items():
+    if chosen and label not in chosen:
+      continue
+    t0 = time.time()
+    try:
+      families[label] = time_loop_family(family, model, variables, x, y, steps, repeats,
+                                         predict, alone_cache)
+    except Exception as e:  # One family's failure leaves the others' rows.
+      families[label] = {'ratio': None, 'steps': list(steps),
+                         'note': f'error: {type(e).__name__}: {e}',
+                         'traceback': traceback.format_exc(limit=6)}
+    families[label]['family_seconds'] = time.time() - t0
+    log(f'loops: {label}: {_x(families[label]["ratio"])} ({time.time() - t0:.1f} s)')
+  return {'model': model_label(name, cfg['resnet_depth']), 'batch': b, 'steps': list(steps),
+          'families': families}
+
+
 def evaluate_targets(results) -> list[dict[str, Any]]:
   def get(path):
     section, *rest = path
@@ -811,6 +1064,8 @@ def evaluate_targets(results) -> list[dict[str, Any]]:
       'sweep/speedup': get(['sweep', 'ratios', 'speedup_incl_compile']),
       'flops/train_fraction': get(['flops', 'resnet20', 'train_step', 'fraction_of_peak']),
       'quickstart/cold': get(['quickstart', 'cold_cache', 'process_seconds']),
+      'loops/worst': max((f['ratio'] for f in (get(['loops', 'families']) or {}).values()
+                          if f.get('ratio') is not None), default=None),
   }
   label = (results.get('pgd/resnet20') or {}).get('model') or 'ResNet-20'
   out = []
@@ -973,6 +1228,20 @@ def table_rows(results) -> list[tuple[str, str, str, str, str]]:
                    f'{t["compilations"]} programs, {t["cache_hits"]} from cache', '-'))
   elif s:
     rows.append(('8 quickstart', 'ERROR', '-', s['error'][:60], '-'))
+  s = results.get('loops')
+  if s and 'error' not in s:
+    first = True
+    for label, f in s['families'].items():
+      what = f'(diag) {label} step in loop / alone, {s["model"]} b={s["batch"]} ms'
+      if f['ratio'] is None:
+        measured = ('-', f['note'][:60], '-')
+      else:
+        measured = (_fmt(1e3 * f['in_loop_step_s']),
+                    f'step alone {_fmt(1e3 * f["step_alone_s"])} ms', f'{f["ratio"]:.2f}x cost')
+      rows.append(('9 loops' if first else '', what, *measured))
+      first = False
+  elif s:
+    rows.append(('9 loops', 'ERROR', '-', s['error'][:60], '-'))
   return rows
 
 
@@ -1003,7 +1272,7 @@ def render(report) -> str:
     if i == 0:
       lines.append('  '.join('-' * w for w in widths))
   lines.append('ratio: advdef speed over the reference (>1 = advdef faster); SAP: cost over the '
-               'undefended pass (lower is better).')
+               'undefended pass, loops: in-loop step over the step alone (lower is better).')
   lines.append('Targets:')
   for t in report['targets']:
     v = '-' if t['value'] is None else f'{t["value"]:.3g}'
@@ -1029,7 +1298,7 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=None, help='override the mode\'s repeats')
   parser.add_argument('--only', default=None,
                       help='comma-separated sections to run '
-                      '(pgd,train,sap,eot,sweep,flops,quickstart)')
+                      '(pgd,train,sap,eot,sweep,flops,quickstart,loops)')
   parser.add_argument('--foolbox-worker', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.foolbox_worker:
@@ -1073,7 +1342,8 @@ def main(argv=None):
             ('sap', 'sap', lambda: bench_sap(ctx)),
             ('eot', 'eot', lambda: bench_eot(ctx)),
             ('sweep', 'sweep', lambda: bench_sweep(ctx)),
-            ('flops', 'flops', lambda: bench_flops(ctx))]
+            ('flops', 'flops', lambda: bench_flops(ctx)),
+            ('loops', 'loops', lambda: bench_loops(ctx))]
     if cfg['quickstart']:
       plan.append(('quickstart', 'quickstart', lambda: bench_quickstart(ctx)))
     try:

@@ -26,7 +26,9 @@ import benchmark  # noqa: E402
 import sweep_timing  # noqa: E402
 
 SECTIONS = ('pgd/resnet20', 'pgd/lenet_like', 'train/resnet20', 'train/lenet_like', 'sap',
-            'eot', 'sweep', 'compile', 'flops')
+            'eot', 'sweep', 'compile', 'flops', 'loops')
+# The 'loops' families whose lax.while_loop stops once every example is fooled.
+EARLY_STOPPING = ('Square', 'DeepFool', 'IFGSM-min', 'trust_region')
 
 
 def _number(v):
@@ -98,19 +100,41 @@ def _check_ratios(report):
     assert _number(f[name]['attack_step']['fraction_of_peak'])
   anchor = r['sap']['model_pass']['anchor']
   assert anchor['batch'] == 4 and anchor['median_s'] > 0
+  _check_loops(r['loops'])
+
+
+def _check_loops(loops):
+  assert loops['batch'] == 2 and loops['steps'] == [1, 2]
+  families = loops['families']
+  assert list(families) == list(benchmark.MODES['tiny']['loops_families'])
+  assert set(families) < set(benchmark.loop_families(0.1, 2))
+  for name, f in families.items():
+    assert not f['note'].startswith('error'), (name, f['note'], f.get('traceback'))
+    if f['ratio'] is None:
+      # One repeat of sub-millisecond steps: timing noise may hide the marginal cost, and
+      # then the row must say so rather than report a number.
+      assert f['note'].startswith('not measured'), (name, f)
+    else:
+      assert _number(f['ratio']) and f['ratio'] > 0, (name, f)
+      assert f['in_loop_step_s'] > 0 and f['step_alone_s'] > 0, (name, f)
+    assert f['steps'] == [1, 2] and f['step_alone']
+  for name in set(EARLY_STOPPING) & set(families):  # Their settings kept the loop running.
+    assert families[name]['still_correct_after_s2'] > 0, (name, families[name])
 
 
 def _check_targets_and_table(report):
   targets = {t['key']: t for t in report['targets']}
-  assert len(targets) == 9
+  assert len(targets) == 10
   assert targets['quickstart/cold']['status'] == 'N/A'  # --tiny skips the quick start.
-  for key in ('sap/overhead', 'eot/speedup', 'sweep/speedup', 'flops/train_fraction'):
+  for key in ('sap/overhead', 'eot/speedup', 'sweep/speedup', 'flops/train_fraction',
+              'loops/worst'):
     assert targets[key]['status'] in ('PASS', 'MISS'), targets[key]
     assert _number(targets[key]['value'])
   for key in ('pgd/resnet20', 'pgd/lenet_like', 'train/resnet20', 'train/lenet_like'):
     assert targets[key]['status'] == 'N/A'  # No peers, no verdict.
   out = report['_stdout']
   assert 'Targets:' in out and 'sequential loop' in out and 'matmul' in out
+  assert '9 loops' in out and 'step alone' in out
 
 
 def test_naive_host_sap_keeps_drawn_units_rescaled():
@@ -134,3 +158,15 @@ def test_benchmark_kappa_sweep_returns_the_documented_fields():
   assert {'in_graph_seconds', 'separate_seconds', 'ratio', 'num_points'} <= set(res)
   assert res['num_points'] == 2 and res['counts_equal']
   assert res['ratio'] == pytest.approx(res['separate_seconds'] / res['in_graph_seconds'])
+
+
+def test_loops_target_is_the_worst_measured_family_and_na_without_the_section():
+  def loops_target(results):
+    return {t['key']: t for t in benchmark.evaluate_targets(results)}['loops/worst']
+
+  assert loops_target({})['status'] == 'N/A'
+  assert loops_target({'loops': {'error': 'RuntimeError: boom'}})['status'] == 'N/A'
+  families = {'a': {'ratio': 0.9}, 'b': {'ratio': 1.3},
+              'c': {'ratio': None, 'note': 'not measured: timing noise'}}
+  target = loops_target({'loops': {'families': families}})
+  assert target['value'] == 1.3 and target['status'] == 'MISS'
