@@ -170,9 +170,10 @@ def pgd(logits_fn: LogitsFn, key: Array, x: Array, y: Array, *, eps: float,
     eot_samples: draws of the model's randomness per gradient (static; vmap over
       `jax.random.split(step_key, eot_samples)`).
     eot_average: 'loss' (mean of per-draw losses, default), 'logits' or 'probs'.
-    unroll: unroll the step loop in the graph (static). On XLA:CPU the gradient
-      convolutions inside a rolled loop get a slow layout: unrolled, PGD-20 on LeNet-5 runs
-      ~3x faster, at the price of a compile time that grows with `steps`. Same iterates.
+    unroll: unroll the step loop in the graph (static). Same iterates. With the models'
+      canonical_conv a rolled loop runs at the speed of its step (see the package
+      docstring, "Loop lowering"), so unrolling mostly adds compile time that grows with
+      `steps`.
 
   Returns:
     x_adv float32[B, H, W, C] with ||x_adv - x|| <= eps and 0 <= x_adv <= 1 exactly.
