@@ -91,12 +91,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.extend.random as jax_random_ext
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from advdef import validate
+from advdef.random_words import random_words as _random_words
+from advdef.random_words import standard_normal as _standard_normal
 
 __all__ = [
     'sap', 'sap_bernoulli', 'jump_relu', 'gaussian_noise', 'mc_probabilities', 'mc_predict',
@@ -194,39 +195,6 @@ def _tree_sum(a: jax.Array) -> jax.Array:
     pairs = a.reshape(k, -1, 2)
     a = pairs[:, :, 0] + pairs[:, :, 1]
   return a
-
-
-def _random_words(keys: jax.Array, count: int, half: int | None = None) -> jax.Array:
-  """uint32[k, count]: `count` random words per key from both words of Threefry-2x32 blocks.
-
-  `jax.random.bits` (the partitionable layout) hashes one block per 32-bit word and XORs its
-  halves; this uses both halves, so it hashes half as much. The stream comes in tiles of
-  2 * half words: tile t is the first words of blocks [t * half, (t + 1) * half) followed by
-  their second words. For a fixed `half` (default ceil(count / 2)) the stream is prefix-stable
-  in `count`. Halves are concatenated, not interleaved: XLA:CPU ran the interleaved stream
-  (stack + reshape) about 1.8x slower in an RSE ResNet-20 gradient pass. Keys of other
-  implementations (rbg) use `jax.random.bits`.
-  """
-  if str(jax.random.key_impl(keys)) != 'threefry2x32':
-    return jax.vmap(lambda kk: jax.random.bits(kk, (count,), jnp.uint32))(keys)
-  half = half or -(-count // 2)
-  tiles, last = divmod(count, 2 * half)
-  # Blocks needed: `half` per full tile, and for a last partial tile of `last` words, one
-  # block per word up to `half` (its first words, then second words from the same blocks).
-  num_blocks = tiles * half + min(last, half)
-  data = jax.random.key_data(keys)                               # uint32[k, 2]
-  block = jnp.arange(num_blocks, dtype=jnp.uint32)[None, :]
-  # Keys [k, 1] against counters [1, m]: the primitive broadcasts them inside its (rolled, on
-  # CPU) round loop; passing [k, m] copies of the keys made that loop 4x slower.
-  first, second = jax_random_ext.threefry2x32_p.bind(data[:, 0:1], data[:, 1:2], block,
-                                                     jnp.zeros_like(block))
-  parts = []
-  for t in range(tiles):
-    parts += [first[:, t * half:(t + 1) * half], second[:, t * half:(t + 1) * half]]
-  if last:
-    start = tiles * half
-    parts += [first[:, start:], second[:, start:start + max(0, last - half)]]
-  return jnp.concatenate(parts, axis=1)
 
 
 def _sap_hits_chunk(a: jax.Array, keys: jax.Array, num_draws: jax.Array, *,
@@ -528,21 +496,6 @@ def gaussian_noise(key: jax.Array, x: jax.Array, *, sigma) -> jax.Array:
   """
   check_nonnegative('sigma', sigma)
   return x + jnp.asarray(sigma, x.dtype) * _standard_normal(key, x.shape, x.dtype)
-
-
-def _standard_normal(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
-  """N(0, 1) samples of `shape`: sqrt(2) * erfinv(v), v on a symmetric grid in (-1, 1).
-
-  `jax.random.normal`'s transform on half the hashing (`_random_words`: both words of every
-  Threefry block). v = (2k + 1) 2^-23 - 1 for a uniform 23-bit k, so |v| < 1 and the
-  samples are symmetric and finite. float64 keeps `jax.random.normal` (more than 23 bits).
-  """
-  if jnp.dtype(dtype) == jnp.float64:
-    return jax.random.normal(key, shape, dtype)
-  words = _random_words(key[None], math.prod(shape)).reshape(shape)
-  unit = lax.bitcast_convert_type((words >> 9) | np.uint32(0x3F800000), jnp.float32) - 1.0
-  v = 2.0 * unit + (2.0**-23 - 1.0)                              # (2k + 1) 2^-23 - 1
-  return (np.float32(np.sqrt(2.0)) * lax.erf_inv(v)).astype(dtype)
 
 
 # ------------------------------------------------------------------------------------------
