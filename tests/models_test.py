@@ -169,3 +169,12 @@ def test_max_pool_equals_flax_in_values_and_gradients_with_ties(shape):
   # Under jit and vmap (EOT draws) too.
   batched = jax.jit(jax.vmap(jax.grad(loss(models._max_pool))))(jnp.stack([x, -x]))
   np.testing.assert_array_equal(batched[1], jax.grad(loss(flax_pool))(-x))
+
+
+def test_max_pool_keeps_extra_leading_dimensions_like_flax():
+  # nn.max_pool accepts [..., H, W, C]; models built with a batch shape of (1, H, W, C) are
+  # initialized on a 5-D input, so the custom pool must too.
+  x = jax.random.normal(jax.random.key(2), (1, 3, 6, 5, 2))
+  want = nn.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(models._max_pool(x), want)
+  assert models._max_pool(x).shape == (1, 3, 3, 2, 2)
