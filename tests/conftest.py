@@ -1,7 +1,10 @@
-"""Shared test setup: CPU only, 4 virtual CPU devices for the sharding tests, strict rank promotion."""
+"""Shared test setup: CPU only, 4 virtual CPU devices for the sharding tests, strict rank
+promotion, and one persistent compilation cache for the whole session."""
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -9,7 +12,27 @@ if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 
+# Many tests compile the same small programs (one model's attack and scoring steps under
+# several evaluators, `advdef.main` runs in subprocesses): one cache for the session, shared by
+# the xdist workers (they inherit this environment from the controller, which imports this
+# file first) and by the subprocesses, makes each program compile once. A fresh directory, so a
+# stale cache from another JAX version never hides a compile.
+if "ADVDEF_COMPILATION_CACHE" not in os.environ:
+  os.environ["ADVDEF_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="advdef-test-jax-cache-")
+  _OWNED_CACHE = os.environ["ADVDEF_COMPILATION_CACHE"]
+else:
+  _OWNED_CACHE = None
+
 import pytest  # noqa: E402
+
+from advdef import compilation  # noqa: E402
+
+compilation.enable_cache()
+
+
+def pytest_unconfigure(config):
+  if _OWNED_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):
+    shutil.rmtree(_OWNED_CACHE, ignore_errors=True)
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MNIST10K = SHARED_DATA / "mnist10k.npz"
