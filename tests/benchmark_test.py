@@ -68,6 +68,8 @@ def _check_sections(report):
                                           results[name].get('traceback'))
   m = report['machine']
   assert m['cpu_model'] and m['cores_available'] >= 1 and m['jax']
+  # The suite's conftest compiles at -O0; the report must say so beside the figures.
+  assert m['jax_disable_most_optimizations'] is True
   assert report['mode'] == 'tiny'
   for peer in ('torch', 'torchattacks', 'foolbox'):
     assert report['peers'][peer]['status'] == 'skipped'
