@@ -97,3 +97,14 @@ def run_processes(tmp_path):
     return [(proc.returncode, log) for proc, log in zip(procs, logs)]
 
   return run
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: an end-to-end run of a minute or more; scheduled first (see below)")
+
+
+def pytest_collection_modifyitems(config, items):
+  # The end-to-end runs take 1-3 minutes each: started last, one of them keeps a single
+  # xdist worker busy after the other has finished; started first, the short tests fill in.
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -41,6 +41,7 @@ def _params(workdir):
   return jax.tree_util.tree_leaves(jax.device_get(run.variables))
 
 
+@pytest.mark.slow
 def test_main_smoke_end_to_end_writes_the_report(tmp_path):
   result = _main('--config=configs/quickstart.py:smoke', f'--workdir={tmp_path}')
   assert result.returncode == 0, result.stderr[-3000:]
@@ -149,6 +150,7 @@ def _train_partial(config, workdir, stop_after_epochs):
     training.make_train_step = original
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_finishes_like_an_uninterrupted_run(tmp_path):
   args = ['--config=configs/quickstart.py:smoke,clean', '--config.train.num_epochs=6',
           '--config.train.checkpoint_every_epochs=1']
@@ -225,6 +227,7 @@ def test_main_refuses_a_workdir_of_another_model_with_one_message(tmp_path):
   assert 'Traceback' not in result.stderr
 
 
+@pytest.mark.slow
 def test_mnist_lenet_smoke_on_the_npz_source(tmp_path, mnist10k_path, monkeypatch):
   import importlib.util
   spec = importlib.util.spec_from_file_location('mnist_lenet', ROOT / 'configs' / 'mnist_lenet.py')

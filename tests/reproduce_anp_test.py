@@ -41,6 +41,7 @@ def _section(text):
   return text[text.index(begin):text.index(end)]
 
 
+@pytest.mark.slow
 def test_smoke_scale_end_to_end_then_a_rerun_skips_every_run(tmp_path):
   results = tmp_path / 'RESULTS.md'
   other = '<!-- paper:sap begin -->\nSAP section, kept as it is\n<!-- paper:sap end -->\n'

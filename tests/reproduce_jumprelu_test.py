@@ -33,6 +33,7 @@ def _section(text):
   return text[text.index(begin):text.index(end)]
 
 
+@pytest.mark.slow
 def test_smoke_scale_end_to_end_then_a_rerun_skips_every_run(tmp_path):
   results, root = tmp_path / 'RESULTS.md', tmp_path / 'runs'
   first = _script('--paper=jumprelu', '--scale=smoke', f'--root={root}', f'--results={results}')

@@ -44,6 +44,7 @@ def _section(text, paper):
   return text[text.index(begin):text.index(end)]
 
 
+@pytest.mark.slow
 def test_smoke_scale_end_to_end_then_a_rerun_skips_every_run(tmp_path):
   results = tmp_path / 'doc' / 'RESULTS.md'
   results.parent.mkdir()
@@ -76,6 +77,7 @@ def test_smoke_scale_end_to_end_then_a_rerun_skips_every_run(tmp_path):
   assert _section(results.read_text(), 'rse') == _section(text, 'rse')
 
 
+@pytest.mark.slow
 def test_rse_smoke_scale_end_to_end_then_a_rerun_skips_every_run(tmp_path):
   results = tmp_path / 'RESULTS.md'
   other = '<!-- paper:sap begin -->\nSAP section, kept as it is\n<!-- paper:sap end -->\n'
