@@ -113,7 +113,8 @@ def main(argv):
   # and the library load, which takes seconds.
   import jax
   from advdef import compilation, experiment, parallel
-  # Before the first compilation, which reads the setting.
+  # Before the first compilation, which reads these settings.
+  compilation.prefer_eigen_convolutions()
   compilation.enable_cache(_COMPILATION_CACHE.value)
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config.get('task') == 'rl':  # advdef.rl: one process, its own experiment

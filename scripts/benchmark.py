@@ -114,6 +114,10 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from advdef import compilation  # noqa: E402
+
+compilation.prefer_eigen_convolutions()  # before any JAX computation, like advdef.main
+
 from advdef import attacks  # noqa: E402
 from advdef import defenses  # noqa: E402
 from advdef import models  # noqa: E402

@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from advdef import compilation
 from advdef import reporting
 
@@ -98,3 +99,41 @@ def test_jit_with_variables_matches_the_closure_and_shares_programs():
   closure = retrofit.make_logits_fn(model, variables, hook)
   np.testing.assert_allclose(np.asarray(a(x, jax.random.key(2))),
                              np.asarray(closure(x, jax.random.key(2))), rtol=1e-6, atol=1e-6)
+
+
+_EIGEN_SCRIPT = '''
+import os, warnings
+from advdef import compilation
+if os.environ.get('INIT_FIRST'):
+  import jax.numpy as jnp
+  jnp.ones(2).block_until_ready()
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter('always')
+  applied = compilation.prefer_eigen_convolutions()
+print(applied, os.environ.get('XLA_FLAGS', ''), '|', len(caught))
+'''
+
+
+@pytest.mark.parametrize('env,applied,flags,warned', [
+    ({}, 'True', '--xla_cpu_experimental_ynn_fusion_type=individual_dot', 0),
+    ({'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=individual_convolution'}, 'False',
+     '--xla_cpu_experimental_ynn_fusion_type=individual_convolution', 0),
+    ({'ADVDEF_XLA_CPU_CONVOLUTIONS': 'ynnpack'}, 'False', '', 0),
+    ({'INIT_FIRST': '1'}, 'False', '', 1),  # too late: the backend exists, so it says so
+])
+def test_prefer_eigen_convolutions_sets_the_flag_only_when_it_can_apply(env, applied, flags,
+                                                                         warned):
+  full = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'INIT_FIRST')}
+  full.update(env, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  out = subprocess.run([sys.executable, '-c', _EIGEN_SCRIPT], env=full, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  got_applied, rest = out.stdout.strip().split(' ', 1)
+  got_flags, got_warned = rest.rsplit('|', 1)
+  assert (got_applied, got_flags.strip(), int(got_warned)) == (applied, flags, warned)
+
+
+def test_prefer_eigen_convolutions_rejects_an_unknown_choice(monkeypatch):
+  monkeypatch.setenv('ADVDEF_XLA_CPU_CONVOLUTIONS', 'mkl')
+  with pytest.raises(ValueError, match="ADVDEF_XLA_CPU_CONVOLUTIONS='mkl'"):
+    compilation.prefer_eigen_convolutions()

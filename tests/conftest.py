@@ -32,6 +32,8 @@ import pytest  # noqa: E402
 
 from advdef import compilation  # noqa: E402
 
+# What advdef.main does first; the subprocesses inherit XLA_FLAGS from here.
+compilation.prefer_eigen_convolutions()
 compilation.enable_cache()
 
 
