@@ -500,10 +500,21 @@ def list_sites(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, 
 
 
 def init_variables(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict[str, Any]:
-  """Initializes a model's variables ({'params', 'batch_stats'?}) for images of input_shape."""
-  x = jnp.zeros((1, *input_shape), jnp.float32)
-  params_key, dropout_key = jax.random.split(key)
-  return dict(model.init({'params': params_key, 'dropout': dropout_key}, x, train=False))
+  """Initializes a model's variables ({'params', 'batch_stats'?}) for images of input_shape.
+
+  Jitted: run eagerly, a ResNet-20's initializers dispatch hundreds of small ops (about 8 s on
+  2 CPU cores, the same values bit for bit).
+  """
+  return dict(_jitted_init(model, tuple(input_shape))(key))
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_init(model: nn.Module, input_shape: tuple[int, ...]):
+  def init(key):
+    params_key, dropout_key = jax.random.split(key)
+    x = jnp.zeros((1, *input_shape), jnp.float32)
+    return model.init({'params': params_key, 'dropout': dropout_key}, x, train=False)
+  return jax.jit(init)
 
 
 def count_params(variables) -> int:

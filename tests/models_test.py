@@ -178,3 +178,20 @@ def test_max_pool_keeps_extra_leading_dimensions_like_flax():
   want = nn.max_pool(x, (2, 2), strides=(2, 2))
   np.testing.assert_array_equal(models._max_pool(x), want)
   assert models._max_pool(x).shape == (1, 3, 3, 2, 2)
+
+
+@pytest.mark.parametrize('name,shape', [('small_cnn', (8, 8, 1)), ('resnet20', (32, 32, 3))])
+def test_jitted_init_equals_eager_init_bit_for_bit(name, shape):
+  model = models.create_model(name, num_classes=10)
+  key = jax.random.key(7)
+  params_key, dropout_key = jax.random.split(key)
+  eager = model.init({'params': params_key, 'dropout': dropout_key},
+                     jnp.zeros((1, *shape), jnp.float32), train=False)
+  jitted = models.init_variables(model, key, shape)
+  assert jax.tree_util.tree_structure(jitted) == jax.tree_util.tree_structure(dict(eager))
+  for a, b in zip(jax.tree_util.tree_leaves(jitted), jax.tree_util.tree_leaves(dict(eager))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A different key gives different weights (the cached program takes the key as an argument).
+  other = models.init_variables(model, jax.random.key(8), shape)
+  last_leaf = lambda v: np.asarray(jax.tree_util.tree_leaves(v['params'])[-1])
+  assert not np.array_equal(last_leaf(other), last_leaf(jitted))
