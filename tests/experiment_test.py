@@ -235,9 +235,13 @@ def test_mnist_lenet_smoke_on_the_npz_source(tmp_path, mnist10k_path, monkeypatc
   spec.loader.exec_module(module)
   config = module.get_config('source=npz,smoke')
   config.data.path = str(mnist10k_path)
+  assert 'sap(frac=1.0)' in config.eval.defenses
+  # The npz source end to end; SAP's evaluation is covered by the quick start's smoke run,
+  # and here its compiles would double the test's time (about 100 s on 2 cores).
+  config.eval.defenses = tuple(d for d in config.eval.defenses if not d.startswith('sap'))
   report = experiment.run(config, str(tmp_path), progress=False)
   clean = {r['defense']: r for r in report['rows'] if r['attack'] == 'none'}
-  assert set(clean) == {'none', 'jump(kappa=0.5)', 'sap(frac=1.0)'}
+  assert set(clean) == {'none', 'jump(kappa=0.5)'}
   assert clean['none']['n'] == 128
   assert clean['none']['accuracy'] > 0.5  # 32 steps on 512 real digits already learn
   pgd = [r for r in report['rows'] if r['attack'].startswith('pgd')]
