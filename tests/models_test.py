@@ -136,6 +136,26 @@ def test_canonical_conv_gradients_equal_jax_own(strides, padding):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('in_channels, kernel, padding', [
+    (1, 3, 'SAME'), (1, 5, 'VALID'), (3, 3, 'SAME'), (2, 3, ((2, 0), (1, 1)))])
+def test_overlap_add_input_gradient_equals_the_transposed_convolution(in_channels, kernel,
+                                                                       padding):
+  assert in_channels < models.NARROW_INPUT_CHANNELS  # these take the overlap-add on CPU
+  lhs = jax.random.normal(jax.random.key(0), (3, 9, 8, in_channels))
+  rhs = jax.random.normal(jax.random.key(1), (kernel, kernel, in_channels, 5))
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  plain = lambda l, r: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+      l, r, (1, 1), padding, dimension_numbers=dn)))
+  canonical = lambda l, r: jnp.sum(jnp.sin(models.canonical_conv(
+      l, r, (1, 1), padding, dimension_numbers=dn)))
+  want, got = jax.grad(plain)(lhs, rhs), jax.grad(canonical)(lhs, rhs)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert not np.array_equal(got, 0 * got)
+  # The compiled input gradient has no convolution left (the forward pass keeps its own).
+  text = jax.jit(jax.grad(canonical)).lower(lhs, rhs).compile().as_text()
+  assert text.count('dim_labels=') == 1, text.count('dim_labels=')
+
+
 def test_input_gradient_convolutions_stay_canonical_inside_a_rolled_loop():
   # The cause of rolled attack loops running ~6x slower than their step on XLA:CPU: a
   # swapped-kernel ('01oi') convolution inside a while loop (see models.canonical_conv).
@@ -150,7 +170,9 @@ def test_input_gradient_convolutions_stay_canonical_inside_a_rolled_loop():
   text = jax.jit(lambda x0: jax.lax.fori_loop(0, 3, lambda i, xa: step(xa), x0)).lower(
       x).compile().as_text()
   labels = [part.split(',')[0] for part in text.split('dim_labels=')[1:]]
-  assert len(labels) >= 4, labels  # forward and input-gradient convolutions were compiled
+  # Both forward convolutions and conv2's input gradient; conv1's (one input channel) is a
+  # matrix product and an overlap-add on CPU (models.NARROW_INPUT_CHANNELS).
+  assert len(labels) >= 3, labels
   assert all(label.endswith('_01io->b01f') for label in labels), labels
 
 
