@@ -573,10 +573,19 @@ def init_variables(model: nn.Module, key: jax.Array, input_shape: Sequence[int])
   Jitted: run eagerly, a ResNet-20's initializers dispatch hundreds of small ops (about 8 s on
   2 CPU cores, the same values bit for bit).
   """
-  return dict(_jitted_init(model, tuple(input_shape))(key))
+  input_shape = tuple(input_shape)
+  try:
+    init = _cached_jitted_init(model, input_shape)
+  except TypeError:  # a module with an unhashable field (a list): compile without the cache
+    init = _jitted_init(model, input_shape)
+  return dict(init(key))
 
 
 @functools.lru_cache(maxsize=32)
+def _cached_jitted_init(model: nn.Module, input_shape: tuple[int, ...]):
+  return _jitted_init(model, input_shape)
+
+
 def _jitted_init(model: nn.Module, input_shape: tuple[int, ...]):
   def init(key):
     params_key, dropout_key = jax.random.split(key)

@@ -217,3 +217,11 @@ def test_jitted_init_equals_eager_init_bit_for_bit(name, shape):
   other = models.init_variables(model, jax.random.key(8), shape)
   last_leaf = lambda v: np.asarray(jax.tree_util.tree_leaves(v['params'])[-1])
   assert not np.array_equal(last_leaf(other), last_leaf(jitted))
+
+
+def test_init_variables_accepts_a_module_with_an_unhashable_field():
+  # The jitted init is cached per (model, shape); a list field makes the module unhashable.
+  model = models.SmallCNN(num_classes=10, mean=[0.5], std=[0.25])
+  variables = models.init_variables(model, jax.random.key(0), (8, 8, 1))
+  logits = model.apply(variables, jnp.zeros((2, 8, 8, 1)))
+  assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits)))
