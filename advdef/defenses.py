@@ -64,8 +64,9 @@ guide table, which is exact and O(n + r * log(max bucket size)):
 With a traced `frac`, shapes cannot depend on r, so `sap` always draws R_max = floor(max_frac * n)
 uniforms per example and uses the first r (exact, since draws are i.i.d.); `max_frac` defaults
 to `frac` when it is concrete and to 1.0 when it is traced, and r is clipped to R_max. The
-draws of example b come from `fold_in(key, b)` and form a prefix-stable stream (both 32-bit
-words of each Threefry-2x32 block, `_random_words`: half the hashing of `jax.random.bits`), and the fixed-point weights use a sum with a fixed association order,
+draws of example b come from row b's stream of the key (`random_words.row_words`: Threefry
+counters (block, b), both 32-bit words of each block, half the hashing of `jax.random.bits`)
+and are prefix-stable, and the fixed-point weights use a sum with a fixed association order,
 so the kept set for a key is bit-reproducible: `vmap` over a frac grid (or over keys) equals a
 loop over the same grid, under `jit` or not. (Values are bit-identical too when x is passed as
 an argument; XLA's constant folder rounds log1p/expm1 differently from compiled kernels when x
@@ -85,6 +86,14 @@ that unchanged (and ran slower), and compacting the zeros out costs another cums
 Profiled again on 2026-11-29 (8 x 32 x 32 x 16, 4.4 ms): guide table 1.4 ms, search 1.6 ms, the
 rest 1.5 ms. Slower inside ResNet-20 although faster alone, so not adopted: cumsum blocks of 8
 or 64, integer guide counts. `rbg`/`unsafe_rbg` keys' bits cost 2.3-3x the Threefry words here.
+
+Compile time: XLA:CPU compiles every fusion of the sampler as its own LLVM module, about 60
+of them per site, so a site costs about 1.2 s of compiling, inlined at every site of every
+program (the quick start's SAP programs compile in 4-11 s each). Per-example streams as
+Threefry counters (block, b) of one key, instead of a vmapped `fold_in` per example (a rolled
+Threefry loop with its own kernels), took the compile of one site's gradient (64 x 8 x 8 x 32)
+from 1.38 to 1.26 s, medians of 4 alternating compiles in one process, run time unchanged
+(4.9 vs 5.0 ms; 2026-11-29, 2 cores).
 """
 
 from __future__ import annotations
@@ -100,6 +109,7 @@ from jax import lax
 
 from advdef import validate
 from advdef.random_words import random_words as _random_words
+from advdef.random_words import row_words as _row_words
 from advdef.random_words import standard_normal as _standard_normal
 
 __all__ = [
@@ -200,13 +210,15 @@ def _tree_sum(a: jax.Array) -> jax.Array:
   return a
 
 
-def _sap_hits_chunk(a: jax.Array, keys: jax.Array, num_draws: jax.Array, *,
+def _sap_hits_chunk(a: jax.Array, key: jax.Array, row_ids: jax.Array, num_draws: jax.Array, *,
                     max_draws: int) -> jax.Array:
   """Which units are drawn at least once, for a chunk of examples.
 
   Args:
     a: float32[k, n] >= 0, the unnormalised probabilities |x| of k examples.
-    keys: typed keys [k], one per example.
+    key: the typed key of the whole batch.
+    row_ids: int32[k], the examples' indices in the batch: example b draws from row b's stream
+      (`random_words.row_words`).
     num_draws: int32 scalar r <= max_draws; draws with index >= r are ignored.
     max_draws: static R_max, the number of uniforms drawn per example.
 
@@ -243,7 +255,7 @@ def _sap_hits_chunk(a: jax.Array, keys: jax.Array, num_draws: jax.Array, *,
   steps = jnp.ceil(jnp.log2(span + 1.0)).astype(jnp.int32)
   # Draws: example b uses its own stream, prefix-stable in max_draws.
   # half = ceil(n / 2), fixed by n: the stream is prefix-stable in max_draws (frac traced or not).
-  u = (_random_words(keys, max_draws, -(-n // 2)) >> 2).astype(jnp.int32)  # uniform, [0, 2^30)
+  u = (_row_words(key, row_ids, max_draws, -(-n // 2)) >> 2).astype(jnp.int32)  # [0, 2^30)
   base = first.ravel()[(u >> shift) + rows * num_buckets]
   cdf_flat, row_start = cdf.ravel(), rows * n
 
@@ -264,19 +276,17 @@ def _sap_hits_chunk(a: jax.Array, keys: jax.Array, num_draws: jax.Array, *,
 def _sap_hits(key: jax.Array, a: jax.Array, num_draws: jax.Array, max_draws: int) -> jax.Array:
   """bool[B, n] hit indicators of SAP's draws; rows are processed in cache-sized chunks."""
   batch, n = a.shape
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(batch))
   rows = max(1, min(batch, _CHUNK_ELEMENTS // max(n, max_draws)))
   num_chunks = -(-batch // rows)
   pad = num_chunks * rows - batch
-  if pad:  # Zero rows draw nothing that is kept; their keys are never used by real rows.
+  if pad:  # Zero rows draw nothing that is kept; their streams are never used by real rows.
     a = jnp.pad(a, ((0, pad), (0, 0)))
-    keys = jnp.concatenate([keys, jax.vmap(jax.random.fold_in, (None, 0))(
-        key, jnp.arange(batch, batch + pad))])
-  fn = lambda args: _sap_hits_chunk(args[0], args[1], num_draws, max_draws=max_draws)
+  row_ids = jnp.arange(num_chunks * rows, dtype=jnp.int32)
+  fn = lambda args: _sap_hits_chunk(args[0], key, args[1], num_draws, max_draws=max_draws)
   if num_chunks == 1:
-    hits = fn((a, keys))
+    hits = fn((a, row_ids))
   else:
-    hits = lax.map(fn, (a.reshape(num_chunks, rows, n), keys.reshape(num_chunks, rows)))
+    hits = lax.map(fn, (a.reshape(num_chunks, rows, n), row_ids.reshape(num_chunks, rows)))
   return hits.reshape(-1, n)[:batch]
 
 
@@ -326,7 +336,8 @@ def sap(key: jax.Array, x: jax.Array, *, frac=1.0, gradient: str = 'constant',
   example's mass).
 
   Args:
-    key: typed PRNG key. Example b uses the stream `fold_in(key, b)`.
+    key: typed PRNG key. Example b uses row b's stream of it (`random_words.row_words`), so its
+      draws do not depend on the batch size or the other examples.
     x: float[B, ...] activations (SAP sits after a ReLU, but |x| makes any sign valid).
     frac: draws as a fraction of n ("SAP-100" is frac = 1.0); > 0, may be traced (then r is
       clipped to floor(max_frac * n)). frac < 1 / n draws nothing and returns zeros.

@@ -289,6 +289,7 @@ def test_sap_keys_and_batch_examples_are_independent():
   # Row b depends only on x[b] and the key, not on the other rows.
   other = x.at[1].set(jnp.asarray(P_ROW[::-1], jnp.float32))
   np.testing.assert_array_equal(_sap(jax.random.key(15), other)[0], a[0])
+  np.testing.assert_array_equal(_sap(jax.random.key(15), x[:1])[0], a[0])  # nor on the batch size
   # No correlation between the keep indicators of two identical rows.
   num = 20_000
   out = np.asarray(_sap(jax.random.key(17), _rows(P_ROW, 2 * num), frac=FRAC)) != 0
@@ -406,6 +407,29 @@ def test_random_words_are_prefix_stable_uniform_and_differ_by_key():
   # Other key implementations fall back to jax.random.bits, so sap accepts them too.
   rbg = jax.random.split(jax.random.key(0, impl='rbg'), 2)
   assert defenses._random_words(rbg, 5).shape == (2, 5)
+  assert defenses._row_words(rbg[0], jnp.arange(3), 5).shape == (3, 5)
+
+
+def test_row_words_give_each_row_its_own_stream_of_one_key():
+  key = jax.random.key(8)
+  rows = defenses._row_words(key, jnp.arange(6), 3001, 1500)
+  # Row 0 is random_words' stream of the key; every row is prefix-stable and depends only on
+  # its own index (not on which rows are drawn with it).
+  np.testing.assert_array_equal(rows[0], defenses._random_words(key[None], 3001, 1500)[0])
+  np.testing.assert_array_equal(defenses._row_words(key, jnp.array([4, 1]), 1501, 1500),
+                                rows[jnp.array([4, 1]), :1501])
+  words = np.asarray(rows)
+  assert len(np.unique(words)) > 0.99 * words.size  # rows do not share blocks
+  bits = np.unpackbits(words.view(np.uint8))
+  assert abs(bits.mean() - 0.5) < Z * 0.5 / math.sqrt(bits.size)
+  # Adjacent rows are uncorrelated bit for bit (a shared or shifted counter would correlate).
+  agree = np.unpackbits((words[:-1] ^ words[1:]).view(np.uint8)).mean()
+  assert abs(agree - 0.5) < Z * 0.5 / math.sqrt(words[1:].size * 32)
+  # Under vmap over keys (EOT) each key gives its own rows.
+  keys = jax.random.split(jax.random.key(9), 2)
+  both = jax.vmap(lambda k: defenses._row_words(k, jnp.arange(3), 10))(keys)
+  np.testing.assert_array_equal(both[1], defenses._row_words(keys[1], jnp.arange(3), 10))
+  assert not np.array_equal(both[0], both[1])
   h = jax.nn.relu(jax.random.normal(jax.random.key(1), (2, 64)))
   kept = defenses.sap(jax.random.key(5, impl='rbg'), h, frac=1.0)
   assert kept.shape == h.shape and np.isfinite(np.asarray(kept)).all()
