@@ -48,10 +48,17 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from advdef import compilation
 used = compilation.enable_cache(sys.argv[1])
-x = np.full((64, 64), 0.01, np.float32)
+x = np.linspace(-1.0, 1.0, 64 * 64, dtype=np.float32).reshape(64, 64)
+# Twenty matmuls, each followed by a reduction: about 40 kernels, which compile in well over
+# the cache's 0.05 s threshold under the tests' fast-compile XLA settings too (a single QR took
+# 0.04 s there).
+def chain(x):
+  for i in range(20):
+    x = jnp.tanh(x @ x.T / 64.0 + 0.01 * i)
+    x = x - 0.5 * x.mean(axis=i % 2, keepdims=True)
+  return (x * x).sum()
 with compilation.CompileTimer() as timer:
-  f = jax.jit(lambda x: jnp.linalg.qr(x @ x.T + jnp.eye(64))[0].sum())
-  value = float(f(x))
+  value = float(jax.jit(chain)(x))
 print(json.dumps(dict(timer.summary(), used=used, value=value)))
 '''
 

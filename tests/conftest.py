@@ -15,6 +15,13 @@ if "xla_force_host_platform_device_count" not in _flags:
 # slower generated loops (ResNet-20 gradients; convolutions and matmuls are library kernels
 # either way). Set in the environment so advdef.main subprocesses get it too. Not for real runs.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+# XLA:CPU's fusion emitters (MLIR, the default in jax 0.10) cost tens of milliseconds of
+# compiling per fusion; its older elemental emitters compile faster and make slower loops.
+# With both settings the quick start's smoke config spent 38.7 s instead of 60.2 s tracing and
+# compiling its 83 programs, and experiment_test.py with retrofit_test.py took 299 s instead of
+# 317 s (2026-11-29, 2 cores, one run each). Tests only, as above.
+if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 
 # Many tests compile the same small programs (one model's attack and scoring steps under
