@@ -20,8 +20,16 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 # With both settings the quick start's smoke config spent 38.7 s instead of 60.2 s tracing and
 # compiling its 83 programs, and experiment_test.py with retrofit_test.py took 299 s instead of
 # 317 s (2026-11-29, 2 cores, one run each). Tests only, as above.
+# The subprocesses that run `advdef.main` or a script get these flags without the 4 virtual
+# devices above (subprocess_env).
+SUBPROCESS_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
+  os.environ["XLA_FLAGS"] += " " + SUBPROCESS_XLA_FLAGS
+
+
+def subprocess_env(**extra):
+  """The environment for a test's subprocess: CPU, one device, the tests' compile settings."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA_FLAGS, **extra)
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 
 # Many tests compile the same small programs (one model's attack and scoring steps under

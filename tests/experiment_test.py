@@ -2,7 +2,6 @@
 an interruption and after kill -9, workdir fingerprint, load_run."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import conftest
 
 from advdef import experiment
 from advdef import runs
@@ -30,8 +30,7 @@ def _config(arg='smoke,clean'):
 
 
 def _main(*args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = conftest.subprocess_env()
   return subprocess.run([sys.executable, '-m', 'advdef.main', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -56,6 +55,14 @@ def test_main_smoke_end_to_end_writes_the_report(tmp_path):
   assert 'per_draw_accuracy' in clean[1] and 'per_draw_accuracy' not in clean[0]
   attacked = [r for r in report['rows'] if r['attack'] != 'none']
   assert attacked and report['checks']
+  # Gradient health and randomness detection share one program per defense: both ran, and
+  # the randomness each defense declares was detected (SAP and RSE vary, the others do not).
+  by_name = {(c['defense'], c['name']): c for c in report['checks']}
+  for defense in [r['defense'] for r in clean]:
+    assert by_name[(defense, 'randomness_detected')]['status'] == 'pass', by_name
+    assert by_name[(defense, 'gradient_health')]['status'] in ('pass', 'warn')
+  assert 'logits vary' in by_name[('sap(frac=1.0)', 'randomness_detected')]['detail']
+  assert 'do not vary' in by_name[('none', 'randomness_detected')]['detail']
   md = (tmp_path / 'report.md').read_text()
   assert 'sap(frac=1.0)' in md
   assert (tmp_path / 'accuracy_vs_epsilon.png').stat().st_size > 1000
@@ -156,8 +163,7 @@ def test_kill_9_then_rerun_finishes_like_an_uninterrupted_run(tmp_path):
           '--config.train.checkpoint_every_epochs=1']
   reference = _main(*args, f'--workdir={tmp_path / "ref"}')
   assert reference.returncode == 0, reference.stderr[-2000:]
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = conftest.subprocess_env()
   workdir = tmp_path / 'killed'
   proc = subprocess.Popen([sys.executable, '-m', 'advdef.main', *args, f'--workdir={workdir}'],
                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

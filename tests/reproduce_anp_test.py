@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import conftest
 
 from advdef import evaluation
 from advdef import experiment
@@ -29,8 +30,7 @@ CPU_BUDGET_MINUTES = 56
 
 
 def _script(*args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = conftest.subprocess_env()
   return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

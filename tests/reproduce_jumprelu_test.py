@@ -4,13 +4,13 @@ kappa* chosen on the validation split, the paper's gray-box / white-box protocol
 adaptive worst case per example, the Rel. Noise claim and the robust-gains-more claim."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import conftest
 
 from advdef import reproduce
 from advdef.reproduce import frame
@@ -21,8 +21,7 @@ SCRIPT = ROOT / 'scripts' / 'reproduce.py'
 
 
 def _script(*args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = conftest.subprocess_env()
   return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

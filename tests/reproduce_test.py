@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import conftest
 
 from advdef import config_utils
 from advdef import defenses
@@ -32,8 +33,7 @@ CPU_BUDGET_MINUTES = {'sap': 50, 'rse': 60, 'jumprelu': 65, 'anp': 55}  # 'about
 
 
 def _script(*args, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)  # conftest's 4 virtual devices are for the sharding tests
+  env = conftest.subprocess_env()  # without conftest's 4 virtual devices (sharding tests)
   return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

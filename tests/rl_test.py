@@ -4,7 +4,6 @@ bit for bit, and the smoke config runs end to end through advdef.main."""
 
 import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import conftest
 from flax import struct
 from gymnax.environments import environment
 
@@ -299,10 +299,8 @@ def test_config_variants_validate_and_docstring_starts_with_the_command():
 @pytest.mark.slow
 def test_smoke_config_end_to_end_through_main(tmp_path):
   workdir = tmp_path / 'run'
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             # Compiling dominates a smoke run; XLA's optimizations halve it (same values).
-             JAX_DISABLE_MOST_OPTIMIZATIONS='true')
-  env.pop('XLA_FLAGS', None)
+  # Compiling dominates a smoke run; XLA's optimizations halve it (same values).
+  env = conftest.subprocess_env(JAX_DISABLE_MOST_OPTIMIZATIONS='true')
   cmd = [sys.executable, '-m', 'advdef.main', '--config=configs/minatar_dqn.py:smoke',
          f'--workdir={workdir}']
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

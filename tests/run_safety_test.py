@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 import setuptools
+import conftest
 
 from advdef import checkpointing
 from advdef import experiment
@@ -50,8 +51,7 @@ def _train(config, workdir):
 
 
 def _main(*args, cwd=ROOT, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = conftest.subprocess_env()
   return subprocess.run([sys.executable, '-m', 'advdef.main', *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

@@ -2,12 +2,12 @@
 and rejects bad input before compute."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+import conftest
 
 from advdef import config_utils
 from advdef import sweep
@@ -33,8 +33,7 @@ def _smoke_sweep_config():
 
 
 def _cli(*args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = conftest.subprocess_env()
   return subprocess.run([sys.executable, '-m', 'advdef.sweep', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

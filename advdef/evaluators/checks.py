@@ -29,6 +29,15 @@ def _clean_batches(images, labels, batch_size):
   return [b['image'] for b in data_lib.eval_batches(images, labels, batch_size)]
 
 
+def _input_gradient_and_logits(logits_fn, x, y, key):
+  """(d sum(margin) / dx float32[B, H, W, C], logits float32[B, K]) of one pass with `key`."""
+  def margin_sum(x):
+    logits = logits_fn(x, key)
+    return jnp.sum(attacks.margin(logits, y)), logits
+  grad, logits = jax.grad(margin_sum, has_aux=True)(x)
+  return grad, logits
+
+
 def _slack(accuracy: float, n: int, stochastic: bool) -> float:
   """Tolerance for comparing two accuracies on n examples: MC noise for stochastic models."""
   se = math.sqrt(max(accuracy * (1 - accuracy), 1.0 / n) / n)
@@ -159,18 +168,20 @@ def run_checks(e, defense, plans, images, labels, d_rows, per_example, scorer, c
     out.append(_check(defense, 'convergence', 'pass' if ok else 'warn',
                       f'{main.label} at eps={eps:.4g}: {acc1:.3f}; with {changed}: {acc2:.3f}'))
 
-  # 7. Gradient health: share of zero or NaN input gradients (margin loss, one draw).
+  # 7. Gradient health: share of zero or NaN input gradients (margin loss, one draw). The same
+  # program returns that pass's logits for check 8, so each defense compiles one program for
+  # both (a SAP program costs seconds to compile; see advdef.defenses).
   g_key = next(keys)
-  input_grads = crafters.compile(defense_spec, lambda logits_fn, x, y, k: jax.grad(
-      lambda x: jnp.sum(attacks.margin(logits_fn(x, k), y)))(x), 'input_gradients')
+  probe = crafters.compile(defense_spec, _input_gradient_and_logits, 'input_gradients')
   zero, nan, total = 0, 0, 0
   on_batch = report('gradient_health')
   num_batches = len(clean_batches)
+  first = None
   for i, batch in enumerate(data_lib.eval_batches(images, labels, crafters.batch_size)):
     mask = np.asarray(batch['mask'])
     batch = crafters.shard(batch)
-    g = parallel.to_numpy(input_grads(batch['image'], batch['label'],
-                                      jax.random.fold_in(g_key, i)))
+    first = batch if first is None else first
+    g = parallel.to_numpy(probe(batch['image'], batch['label'], jax.random.fold_in(g_key, i))[0])
     g = g[mask].reshape(int(np.sum(mask)), -1)
     nan += int(np.sum(~np.all(np.isfinite(g), axis=1)))
     zero += int(np.sum(np.all(g == 0, axis=1)))
@@ -184,9 +195,8 @@ def run_checks(e, defense, plans, images, labels, d_rows, per_example, scorer, c
                     + (' (use BPDA or gradient-free attacks)' if zero / total > 0.01 else '')))
 
   # 8. Randomness detected iff the defense is declared stochastic (AutoAttack: 5 passes).
-  x0 = crafters.shard(clean_batches[0])
-  logits = crafters.compile(defense_spec, lambda logits_fn, x, k: logits_fn(x, k), 'logits')
-  outs = [parallel.to_numpy(logits(x0, k)) for k in jax.random.split(next(keys), 5)]
+  outs = [parallel.to_numpy(probe(first['image'], first['label'], k)[1])
+          for k in jax.random.split(next(keys), 5)]
   varies = any(np.max(np.abs(o - outs[0])) > 1e-4 for o in outs[1:])
   out.append(_check(defense, 'randomness_detected', 'pass' if varies == stochastic else 'fail',
                     f'logits {"vary" if varies else "do not vary"} over 5 passes; the defense is '
