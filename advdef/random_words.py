@@ -27,7 +27,7 @@ def random_words(keys: jax.Array, count: int, half: int | None = None) -> jax.Ar
   data = jax.random.key_data(keys)                               # uint32[k, 2]
   # Keys [k, 1] against counters [1, m]: the primitive broadcasts them inside its (rolled, on
   # CPU) round loop; passing [k, m] copies of the keys made that loop 4x slower.
-  return _tiled_words(data[:, 0:1], data[:, 1:2], None, count, half)
+  return _tiled_words(data[:, 0:1], data[:, 1:2], jnp.zeros((1, 1), jnp.uint32), count, half)
 
 
 def row_words(key: jax.Array, rows: jax.Array, count: int,
@@ -36,9 +36,9 @@ def row_words(key: jax.Array, rows: jax.Array, count: int,
 
   Row b's stream is `random_words`' layout with b in the high word of the Threefry counter
   (counter (block, b) instead of (block, 0)), so each row's words depend only on the key and
-  on b, not on which other rows are drawn. This replaces `fold_in(key, b)` per row: the same
-  words without hashing a key per row, and fewer kernels for XLA to compile (a vmapped
-  `fold_in` is a rolled Threefry loop of its own; measured, see advdef.defenses' docstring).
+  on b, not on which other rows are drawn. It takes the place of `fold_in(key, b)` per row:
+  independent streams without hashing a key per row, and fewer kernels for XLA to compile (a
+  vmapped `fold_in` is a rolled Threefry loop of its own; measured, see advdef.defenses).
   Row 0's stream is `random_words(key[None], ...)[0]`. Keys of other implementations (rbg)
   use `jax.random.bits` of `fold_in(key, b)`.
 
@@ -49,8 +49,7 @@ def row_words(key: jax.Array, rows: jax.Array, count: int,
   """
   rows = jnp.asarray(rows)
   if str(jax.random.key_impl(key)) != 'threefry2x32':
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, rows)
-    return jax.vmap(lambda kk: jax.random.bits(kk, (count,), jnp.uint32))(keys)
+    return random_words(jax.vmap(jax.random.fold_in, (None, 0))(key, rows), count, half)
   data = jax.random.key_data(key)                                # uint32[2]
   return _tiled_words(data[0].reshape(1, 1), data[1].reshape(1, 1),
                       rows.astype(jnp.uint32)[:, None], count, half)
@@ -59,8 +58,8 @@ def row_words(key: jax.Array, rows: jax.Array, count: int,
 def _tiled_words(k0, k1, high, count: int, half: int | None) -> jax.Array:
   """The tiled stream of `random_words` for key words k0, k1 and counter high words `high`.
 
-  k0, k1: uint32 [k, 1] or [1, 1]; high: uint32 [k, 1], or None for zeros. The primitive
-  broadcasts the key words against the counters, but both counter words must have one shape.
+  k0, k1, high: uint32 [k, 1] or [1, 1]. The primitive broadcasts the key words against the
+  counters, but both counter words must have one shape.
   """
   half = half or -(-count // 2)
   tiles, last = divmod(count, 2 * half)
@@ -68,10 +67,7 @@ def _tiled_words(k0, k1, high, count: int, half: int | None) -> jax.Array:
   # block per word up to `half` (its first words, then second words from the same blocks).
   num_blocks = tiles * half + min(last, half)
   block = jnp.arange(num_blocks, dtype=jnp.uint32)[None, :]
-  if high is None:
-    low, high = block, jnp.zeros_like(block)
-  else:
-    low, high = jnp.broadcast_arrays(block, high)
+  low, high = jnp.broadcast_arrays(block, high)
   first, second = jax_random_ext.threefry2x32_p.bind(k0, k1, low, high)
   parts = []
   for t in range(tiles):

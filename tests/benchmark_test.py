@@ -8,7 +8,6 @@ directly.
 
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import conftest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'scripts' / 'benchmark.py'
@@ -36,12 +36,7 @@ def _number(v):
 
 
 def _run_tiny(out):
-  env = dict(os.environ)
-  # One CPU device (the suite's conftest asks for 4 virtual ones) and no peer installs.
-  flags = [f for f in env.get('XLA_FLAGS', '').split()
-           if 'xla_force_host_platform_device_count' not in f]
-  env['XLA_FLAGS'] = ' '.join(flags)
-  env['JAX_PLATFORMS'] = 'cpu'
+  env = conftest.subprocess_env()  # one CPU device; --skip-peers: no peer installs
   proc = subprocess.run([sys.executable, str(SCRIPT), '--tiny', '--skip-peers', '--out',
                          str(out)], capture_output=True, text=True, timeout=600, env=env,
                         cwd=str(REPO))

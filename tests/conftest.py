@@ -20,16 +20,8 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 # With both settings the quick start's smoke config spent 38.7 s instead of 60.2 s tracing and
 # compiling its 83 programs, and experiment_test.py with retrofit_test.py took 299 s instead of
 # 317 s (2026-11-29, 2 cores, one run each). Tests only, as above.
-# The subprocesses that run `advdef.main` or a script get these flags without the 4 virtual
-# devices above (subprocess_env).
-SUBPROCESS_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " " + SUBPROCESS_XLA_FLAGS
-
-
-def subprocess_env(**extra):
-  """The environment for a test's subprocess: CPU, one device, the tests' compile settings."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA_FLAGS, **extra)
+  os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 
 # Many tests compile the same small programs (one model's attack and scoring steps under
@@ -50,6 +42,14 @@ from advdef import compilation  # noqa: E402
 # What advdef.main does first; the subprocesses inherit XLA_FLAGS from here.
 compilation.prefer_eigen_convolutions()
 compilation.enable_cache()
+
+
+def subprocess_env(**extra):
+  """The environment for a test's `advdef.main` or script subprocess: CPU, one device (without
+  the 4 virtual ones above), and the tests' other compile settings."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if "xla_force_host_platform_device_count" not in f]
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags), **extra)
 
 
 def pytest_unconfigure(config):

@@ -176,11 +176,11 @@ def run_checks(e, defense, plans, images, labels, d_rows, per_example, scorer, c
   zero, nan, total = 0, 0, 0
   on_batch = report('gradient_health')
   num_batches = len(clean_batches)
-  first = None
   for i, batch in enumerate(data_lib.eval_batches(images, labels, crafters.batch_size)):
     mask = np.asarray(batch['mask'])
     batch = crafters.shard(batch)
-    first = batch if first is None else first
+    if i == 0:
+      first = batch  # check 8's batch
     g = parallel.to_numpy(probe(batch['image'], batch['label'], jax.random.fold_in(g_key, i))[0])
     g = g[mask].reshape(int(np.sum(mask)), -1)
     nan += int(np.sum(~np.all(np.isfinite(g), axis=1)))
