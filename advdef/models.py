@@ -38,7 +38,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
+
+from advdef import layers
 
 SITE_KINDS = ('act', 'conv_in', 'conv_out', 'dense_in', 'latent')
 NORMALIZATIONS = ('dataset', 'none', 'per_image')
@@ -66,118 +67,6 @@ class Site(nn.Module):
     return (self.hook or plain_hook)(self, x)
 
 
-# Input channels below which a stride-1 convolution's input gradient is a matrix product and
-# an overlap-add on XLA:CPU (`_overlap_add_input_gradient`): the images' own channels, 1 or 3.
-# Eigen turns a transposed convolution into a matrix product with as many columns as input
-# channels, which is slow when there are so few. Measured on 2 cores (2026-11-29), forward and
-# input gradient of the whole model: lenet_like at batch 64 18.3 -> 10.8 ms, ResNet-20 at
-# batch 32 91.7 -> 79.9 ms, small_cnn at batch 100 8.2 -> 6.3 ms. With 10 channels (lenet_like's
-# conv2) it was slower in the model (17.3 -> 17.6 ms) though faster alone (3.0 -> 1.8 ms), and
-# with 16 (ResNet-20's inner convolutions) 3x slower alone. A one-channel forward pass as a
-# sum of kernel taps was 2.6x faster alone and 1.3x slower in the model, so it is not used.
-NARROW_INPUT_CHANNELS = 4
-
-
-def canonical_conv(lhs, rhs, window_strides, padding, **kwargs):
-  """lax.conv_general_dilated with an input gradient that XLA:CPU runs fast inside loops.
-
-  The input gradient of a convolution is a convolution whose kernel has its input and
-  output feature axes swapped (`01oi`). XLA:CPU's convolution canonicalization, which turns
-  that into the layout its fast (Eigen) kernels take, only rewrites convolutions of the
-  entry computation: inside a `while` loop (a rolled attack loop) the swapped kernel falls
-  to a generic kernel, measured 4x slower on a small CNN and about 6x on ResNet-20 (XLA in
-  jax 0.10.2). This VJP hands the transposed convolution a kernel transposed in memory, so
-  its dimension labels are canonical wherever it is compiled; the values are those of
-  JAX's own VJP. Forward-mode differentiation (jvp) is not defined through it.
-
-  On CPU (`lax.platform_dependent`; GPU and TPU keep the convolution), a convolution with
-  fewer than NARROW_INPUT_CHANNELS input channels (NHWC, stride 1, no dilation or groups)
-  takes its input gradient as a matrix product and an overlap-add; the values equal the
-  transposed convolution's up to float32 summation order.
-  """
-  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, kwargs.pop('dimension_numbers', None))
-  out_axis, in_axis = dn.rhs_spec[0], dn.rhs_spec[1]
-  dn_swapped = lax.ConvDimensionNumbers(dn.lhs_spec, (in_axis, out_axis) + tuple(dn.rhs_spec[2:]),
-                                        dn.out_spec)
-  conv = lambda l, r, numbers: lax.conv_general_dilated(l, r, window_strides, padding,
-                                                         dimension_numbers=numbers, **kwargs)
-  pads = _narrow_pads(lhs.shape, rhs.shape, dn, window_strides, padding, kwargs)
-  overlap_add_gradient = pads is not None and rhs.shape[in_axis] < NARROW_INPUT_CHANNELS
-
-  @jax.custom_vjp
-  def convolve(l, r):
-    return conv(l, r, dn)
-
-  def forward(l, r):  # l, r: CustomVJPPrimal (symbolic_zeros), r.perturbed False in attacks
-    return conv(l.value, r.value, dn), (l.value, r.value, l.perturbed, r.perturbed)
-
-  def input_gradient(g, r, l):
-    r_swapped = jnp.swapaxes(r, out_axis, in_axis)  # the kernel, O and I swapped in memory
-    return jax.vjp(lambda l: conv(l, r_swapped, dn_swapped), l)[1](g)[0]
-
-  def backward(residuals, g):
-    l, r, lhs_perturbed, rhs_perturbed = residuals
-    if isinstance(g, jax.custom_derivatives.SymbolicZero):  # the output did not matter
-      return None, None
-    # Only the cotangents asked for: an attack's kernel is a constant, and the kernel
-    # gradient (a grouped convolution) has no batching rule under a sharded vmap.
-    dl = dr = None
-    if lhs_perturbed:
-      if overlap_add_gradient:
-        dl = lax.platform_dependent(
-            g, r, cpu=lambda g, r: _overlap_add_input_gradient(g, r, l.shape, pads),
-            default=lambda g, r: input_gradient(g, r, l))
-      else:
-        dl = input_gradient(g, r, l)
-    if rhs_perturbed:
-      dr = jax.vjp(lambda r: conv(l, r, dn), r)[1](g)[0]
-    return dl, dr
-
-  convolve.defvjp(forward, backward, symbolic_zeros=True)
-  return convolve(lhs, rhs)
-
-
-def _narrow_pads(lhs_shape, rhs_shape, dn, window_strides, padding, kwargs):
-  """((top, bottom), (left, right)) if the overlap-add input gradient applies, else None.
-
-  It needs NHWC input and output, an HWIO kernel, stride 1 and no dilation or groups.
-  """
-  nhwc, hwio = (0, 3, 1, 2), (3, 2, 0, 1)
-  if (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) != (nhwc, hwio, nhwc):
-    return None
-  if len(lhs_shape) != 4 or any(s != 1 for s in window_strides):
-    return None
-  for name in ('lhs_dilation', 'rhs_dilation'):
-    if kwargs.get(name) is not None and any(d != 1 for d in kwargs[name]):
-      return None
-  if kwargs.get('feature_group_count', 1) != 1 or kwargs.get('batch_group_count', 1) != 1:
-    return None
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs_shape[1:3], rhs_shape[0:2], window_strides, padding)
-  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if any(lo < 0 or hi < 0 for lo, hi in pads):
-    return None
-  return pads
-
-
-def _overlap_add_input_gradient(g, r, l_shape, pads):
-  """Input gradient of a stride-1 NHWC/HWIO convolution: per-tap matrix product, then overlap-add.
-
-  g: [B, Ho, Wo, O] output cotangent; r: [kh, kw, I, O]; returns [B, H, W, I] = l_shape.
-  """
-  kh, kw = r.shape[0], r.shape[1]
-  taps = jnp.einsum('bhwo,xyio->bhwxyi', g, r)            # each output's share of each input
-  out = None
-  for i in range(kh):
-    for j in range(kw):
-      term = jnp.pad(taps[:, :, :, i, j, :], ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)))
-      out = term if out is None else out + term
-  (top, _), (left, _) = pads  # `out` covers the padded input; crop the padding away
-  # Materialized once: fused into its consumers, the 9-25 term sum was recomputed by each of
-  # them (ResNet-20 at batch 32: 89 ms without the barrier, 80 ms with it).
-  return lax.optimization_barrier(out[:, top:top + l_shape[1], left:left + l_shape[2], :])
-
-
 class _SiteMixin:
   """Helpers that create sites with the module's hook; names are unique per parent."""
 
@@ -189,7 +78,7 @@ class _SiteMixin:
     x = self.site('conv_in', x, f'{name}_in', is_model_input=first)
     x = nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding,
                 use_bias=use_bias, kernel_init=kernel_init, name=name,
-                conv_general_dilated=canonical_conv)(x)
+                conv_general_dilated=layers.canonical_conv)(x)
     return self.site('conv_out', x, f'{name}_out')
 
   def dense(self, features, x, name, *, kernel_init=nn.initializers.lecun_normal()):
@@ -228,50 +117,6 @@ class _Base(nn.Module, _SiteMixin):
     return normalize_images(x, self.normalize, self.mean, self.std)
 
 
-def _max_pool(x):
-  """2x2 max pooling, stride 2, VALID (an odd last row or column is dropped): [..., H, W, C].
-
-  Any leading batch dimensions are allowed, as with `nn.max_pool`.
-
-  Values and gradients equal `nn.max_pool(x, (2, 2), strides=(2, 2))`, ties included (the
-  gradient goes to the first maximum of each window in row-major order, as XLA's
-  select-and-scatter routes it). Written as a reshape because XLA:CPU's select-and-scatter,
-  the gradient of `nn.max_pool`, is slow: 4.7 ms against 0.7 ms for this VJP on a
-  64x24x24x10 map (lenet_like's first pool; 2-core CPU), a sixth of a PGD step there.
-  """
-  *batch, h, w, c = x.shape
-  x = x.reshape((-1, h, w, c))[:, :h - h % 2, :w - w % 2]
-  out = _pool_2x2(x)
-  return out.reshape((*batch, *out.shape[1:]))
-
-
-@jax.custom_vjp
-def _pool_2x2(x):
-  b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
-def _pool_2x2_forward(x):
-  out = _pool_2x2(x)
-  return out, (x, out)
-
-
-def _pool_2x2_backward(residuals, g):
-  x, out = residuals
-  b, h, w, c = x.shape
-  windows = x.reshape(b, h // 2, 2, w // 2, 2, c)
-  taken = jnp.zeros(out.shape, jnp.bool_)
-  parts = []
-  for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):  # row-major: the first maximum takes g
-    is_max = windows[:, :, i, :, j, :] == out
-    parts.append(jnp.where(is_max & ~taken, g, 0).astype(g.dtype))
-    taken = taken | is_max
-  rows = [jnp.stack(parts[0:2], axis=3), jnp.stack(parts[2:4], axis=3)]  # [B, H/2, W/2, 2, C]
-  return (jnp.stack(rows, axis=2).reshape(x.shape),)
-
-
-_pool_2x2.defvjp(_pool_2x2_forward, _pool_2x2_backward)
-
 
 class SmallCNN(_Base):
   """A small CNN for 8x8 digits (and any small input): conv32-conv64-pool-fc128-fc."""
@@ -282,7 +127,7 @@ class SmallCNN(_Base):
     x = self.prepare(x)
     x = self.site('act', self.conv(self.width, 3, x, 'conv1', use_bias=True, first=True), 'act1')
     x = self.site('act', self.conv(2 * self.width, 3, x, 'conv2', use_bias=True), 'act2')
-    x = _max_pool(x).reshape((x.shape[0], -1))
+    x = layers.max_pool(x).reshape((x.shape[0], -1))
     x = self.site('act', self.dense(4 * self.width, x, 'fc1'), 'act3')
     return self.dense(self.num_classes, x, 'fc2')
 
@@ -298,9 +143,9 @@ class LeNetLike(_Base):
   def __call__(self, x, train: bool = False):
     x = self.prepare(x)
     x = self.conv(10, 5, x, 'conv1', padding='VALID', use_bias=True, first=True)
-    x = self.site('act', _max_pool(x), 'act1')
+    x = self.site('act', layers.max_pool(x), 'act1')
     x = self.conv(20, 5, x, 'conv2', padding='VALID', use_bias=True)
-    x = self.site('act', _max_pool(x), 'act2')
+    x = self.site('act', layers.max_pool(x), 'act2')
     x = x.reshape((x.shape[0], -1))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = self.site('act', self.dense(120, x, 'fc1'), 'act3')
@@ -317,10 +162,10 @@ class LeNet5Caffe(_Base):
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = self.prepare(x)
-    x = _max_pool(self.site('act', self.conv(20, 5, x, 'conv1', padding='VALID', use_bias=True,
-                                             first=True), 'act1'))
-    x = _max_pool(self.site('act', self.conv(50, 5, x, 'conv2', padding='VALID', use_bias=True),
-                            'act2'))
+    x = self.conv(20, 5, x, 'conv1', padding='VALID', use_bias=True, first=True)
+    x = layers.max_pool(self.site('act', x, 'act1'))
+    x = self.conv(50, 5, x, 'conv2', padding='VALID', use_bias=True)
+    x = layers.max_pool(self.site('act', x, 'act2'))
     x = x.reshape((x.shape[0], -1))
     x = self.site('act', self.dense(500, x, 'fc1'), 'act3')
     return self.dense(self.num_classes, x, 'fc2')
@@ -457,7 +302,7 @@ class VGG16(_Base):
     block = 0
     for i, v in enumerate(VGG16_CFG):
       if v == 'M':
-        x = _max_pool(x)
+        x = layers.max_pool(x)
         continue
       block += 1
       x = self.conv(v // self.width_divisor, 3, x, f'conv{block}', use_bias=True,

@@ -207,7 +207,7 @@ def make_train_step(model: nn.Module, tx, step_config: StepConfig, *,
     way; on 2 CPU cores unrolled crafting ran 3-8% faster per step (PGD-10 lenet_like b=64:
     295 vs 320 ms; PGD-7 ResNet-20 b=32: 886 vs 908 ms) for 1.2-1.8x the compile time
     (4.8 vs 2.6 s; 10.3 vs 8.7 s), which a training run repays. It was ~3x before the
-    models' convolutions became canonical_conv (advdef.models).
+    models' convolutions became canonical_conv (advdef.layers).
   With a mesh (advdef.parallel), the drawn batch is split over its 'data' axis (B must be a
   multiple of the device count) and the new state and metrics come back replicated; pass
   the state and data set replicated (parallel.replicate).

@@ -19,7 +19,7 @@ PACKAGE = ROOT / 'advdef'
 # Lowest first. A module may import modules of its own layer or any layer below.
 LAYERS = (
     ('advdef.validate', 'advdef.files', 'advdef.rng', 'advdef.random_words', 'advdef.version', 'advdef.compilation',
-     'advdef.workdir_lock', 'advdef.progress'),
+     'advdef.layers', 'advdef.workdir_lock', 'advdef.progress'),
     ('advdef.config_utils',),
     ('advdef.defenses', 'advdef.attacks'),
     ('advdef.data', 'advdef.models', 'advdef.parallel', 'advdef.retrofit', 'advdef.pruning',

@@ -6,6 +6,7 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
+from advdef import layers
 from advdef import models
 
 SHAPES = {
@@ -129,7 +130,7 @@ def test_canonical_conv_gradients_equal_jax_own(strides, padding):
   dn = ('NHWC', 'HWIO', 'NHWC')
   plain = lambda l, r: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
       l, r, (strides, strides), padding, dimension_numbers=dn)))
-  canonical = lambda l, r: jnp.sum(jnp.sin(models.canonical_conv(
+  canonical = lambda l, r: jnp.sum(jnp.sin(layers.canonical_conv(
       l, r, (strides, strides), padding, dimension_numbers=dn)))
   np.testing.assert_allclose(canonical(lhs, rhs), plain(lhs, rhs), rtol=1e-6)
   for want, got in zip(jax.grad(plain, (0, 1))(lhs, rhs), jax.grad(canonical, (0, 1))(lhs, rhs)):
@@ -137,16 +138,17 @@ def test_canonical_conv_gradients_equal_jax_own(strides, padding):
 
 
 @pytest.mark.parametrize('in_channels, kernel, padding', [
-    (1, 3, 'SAME'), (1, 5, 'VALID'), (3, 3, 'SAME'), (2, 3, ((2, 0), (1, 1)))])
+    (1, 3, 'SAME'), (1, 3, 'VALID'), (3, 3, 'SAME'), (2, 3, ((2, 0), (1, 1)))])
 def test_overlap_add_input_gradient_equals_the_transposed_convolution(in_channels, kernel,
                                                                        padding):
-  assert in_channels < models.NARROW_INPUT_CHANNELS  # these take the overlap-add on CPU
+  assert in_channels < layers.NARROW_INPUT_CHANNELS  # these take the overlap-add on CPU
   lhs = jax.random.normal(jax.random.key(0), (3, 9, 8, in_channels))
   rhs = jax.random.normal(jax.random.key(1), (kernel, kernel, in_channels, 5))
+  assert not layers._space_to_depth_input_gradient(rhs.shape)
   dn = ('NHWC', 'HWIO', 'NHWC')
   plain = lambda l, r: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
       l, r, (1, 1), padding, dimension_numbers=dn)))
-  canonical = lambda l, r: jnp.sum(jnp.sin(models.canonical_conv(
+  canonical = lambda l, r: jnp.sum(jnp.sin(layers.canonical_conv(
       l, r, (1, 1), padding, dimension_numbers=dn)))
   want, got = jax.grad(plain)(lhs, rhs), jax.grad(canonical)(lhs, rhs)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -156,9 +158,56 @@ def test_overlap_add_input_gradient_equals_the_transposed_convolution(in_channel
   assert text.count('dim_labels=') == 1, text.count('dim_labels=')
 
 
+@pytest.mark.parametrize('shape, kernel, padding', [
+    ((3, 28, 28, 1), (5, 5, 1, 10), ((0, 0), (0, 0))),   # lenet_like's conv1: even output
+    ((2, 9, 7, 1), (3, 3, 1, 4), ((1, 1), (1, 1))),      # odd output: the last block is cropped
+    ((2, 9, 8, 2), (3, 4, 2, 5), ((2, 0), (1, 2))),      # asymmetric pads, rectangular kernel
+    ((1, 6, 6, 3), (1, 1, 3, 2), ((0, 0), (0, 0)))])     # 1x1
+def test_space_to_depth_conv_equals_the_convolution(shape, kernel, padding):
+  lhs = jax.random.normal(jax.random.key(0), shape)
+  rhs = jax.random.normal(jax.random.key(1), kernel)
+  want = jax.lax.conv_general_dilated(lhs, rhs, (1, 1), padding,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  got = layers._space_to_depth_conv(lhs, rhs, padding)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('in_channels, out_channels, padding', [
+    (1, 10, 'VALID'), (10, 20, 'VALID'), (3, 4, 'SAME'), (2, 3, ((4, 1), (0, 2)))])
+def test_space_to_depth_input_gradient_equals_jax_own(in_channels, out_channels, padding):
+  lhs = jax.random.normal(jax.random.key(0), (2, 13, 12, in_channels))
+  rhs = jax.random.normal(jax.random.key(1), (5, 5, in_channels, out_channels))
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  assert layers._space_to_depth_input_gradient(rhs.shape)
+  plain = lambda l: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+      l, rhs, (1, 1), padding, dimension_numbers=dn)))
+  canonical = jax.jit(lambda l: jnp.sum(jnp.sin(layers.canonical_conv(
+      l, rhs, (1, 1), padding, dimension_numbers=dn))))
+  np.testing.assert_allclose(jax.grad(canonical)(lhs), jax.grad(plain)(lhs), rtol=1e-5,
+                             atol=1e-5)
+  # The compiled input gradient is the blocked convolution: 3x3 taps from 4 * O to 4 * I.
+  text = jax.jit(jax.grad(canonical)).lower(lhs).compile().as_text()
+  assert f'f32[3,3,{4 * out_channels},{4 * in_channels}]' in text
+
+
+def test_one_channel_convolution_runs_on_the_space_to_depth_view_on_cpu():
+  lhs = jax.random.normal(jax.random.key(0), (4, 12, 12, 1))
+  rhs = jax.random.normal(jax.random.key(1), (5, 5, 1, 6))
+  fn = jax.jit(lambda l, r: layers.canonical_conv(l, r, (1, 1), 'VALID',
+                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  text = fn.lower(lhs, rhs).compile().as_text()
+  # One convolution of 3x3 blocked taps from 4 to 4 * 6 channels on the 2x2 blocks.
+  assert text.count('dim_labels=') == 1
+  assert 'f32[3,3,4,24]' in text, text
+  want = jax.lax.conv_general_dilated(lhs, rhs, (1, 1), 'VALID',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(fn(lhs, rhs), want, rtol=1e-5, atol=1e-5)
+
+
 def test_input_gradient_convolutions_stay_canonical_inside_a_rolled_loop():
   # The cause of rolled attack loops running ~6x slower than their step on XLA:CPU: a
-  # swapped-kernel ('01oi') convolution inside a while loop (see models.canonical_conv).
+  # swapped-kernel ('01oi') convolution inside a while loop (see layers.canonical_conv).
   model = _model('lenet_like', SHAPES['lenet_like'])
   x = jnp.zeros((4, 28, 28, 1))
   variables = model.init(jax.random.key(0), x, train=False)
@@ -171,7 +220,7 @@ def test_input_gradient_convolutions_stay_canonical_inside_a_rolled_loop():
       x).compile().as_text()
   labels = [part.split(',')[0] for part in text.split('dim_labels=')[1:]]
   # Both forward convolutions and conv2's input gradient; conv1's (one input channel) is a
-  # matrix product and an overlap-add on CPU (models.NARROW_INPUT_CHANNELS).
+  # matrix product and an overlap-add on CPU (layers.NARROW_INPUT_CHANNELS).
   assert len(labels) >= 3, labels
   assert all(label.endswith('_01io->b01f') for label in labels), labels
 
@@ -184,12 +233,12 @@ def test_max_pool_equals_flax_in_values_and_gradients_with_ties(shape):
                                                    shape[3]))
   flax_pool = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))
   loss = lambda pool: (lambda v: jnp.sum(pool(v) * weights))
-  np.testing.assert_array_equal(models._max_pool(x), flax_pool(x))
-  got, want = jax.grad(loss(models._max_pool))(x), jax.grad(loss(flax_pool))(x)
+  np.testing.assert_array_equal(layers.max_pool(x), flax_pool(x))
+  got, want = jax.grad(loss(layers.max_pool))(x), jax.grad(loss(flax_pool))(x)
   np.testing.assert_array_equal(got, want)
   assert int(jnp.sum(got != 0)) == weights.size  # one entry per window, never split
   # Under jit and vmap (EOT draws) too.
-  batched = jax.jit(jax.vmap(jax.grad(loss(models._max_pool))))(jnp.stack([x, -x]))
+  batched = jax.jit(jax.vmap(jax.grad(loss(layers.max_pool))))(jnp.stack([x, -x]))
   np.testing.assert_array_equal(batched[1], jax.grad(loss(flax_pool))(-x))
 
 
@@ -198,8 +247,8 @@ def test_max_pool_keeps_extra_leading_dimensions_like_flax():
   # initialized on a 5-D input, so the custom pool must too.
   x = jax.random.normal(jax.random.key(2), (1, 3, 6, 5, 2))
   want = nn.max_pool(x, (2, 2), strides=(2, 2))
-  np.testing.assert_array_equal(models._max_pool(x), want)
-  assert models._max_pool(x).shape == (1, 3, 3, 2, 2)
+  np.testing.assert_array_equal(layers.max_pool(x), want)
+  assert layers.max_pool(x).shape == (1, 3, 3, 2, 2)
 
 
 @pytest.mark.parametrize('name,shape', [('small_cnn', (8, 8, 1)), ('resnet20', (32, 32, 3))])

@@ -101,7 +101,7 @@ ResNet-20). The cause, found by comparing the optimised HLO of the loop body wit
 compiled alone: the input gradient of a convolution is a convolution whose kernel has its
 feature axes swapped ('01oi'); XLA:CPU rewrites it into the layout of its fast Eigen kernel
 only in the entry computation, so inside a loop body it ran on a generic kernel.
-`advdef.models.canonical_conv` hands that convolution a kernel transposed in memory, so its
+`advdef.layers.canonical_conv` hands that convolution a kernel transposed in memory, so its
 layout is canonical wherever it is compiled (tests/models_test.py checks a compiled rolled
 loop). `scripts/benchmark.py`'s `loops` section measures, per family, the marginal cost of
 one more iteration inside the attack's own loop against the same model work jitted alone

@@ -39,7 +39,7 @@ def patch_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dila
   Drop-in for `lax.conv_general_dilated` in `nn.Conv` (same parameters, same values up to
   float summation order). Why: DQN differentiates through the network inside `lax.scan`,
   and XLA:CPU runs convolution gradients inside loops on a slow generic kernel (see
-  advdef.models.canonical_conv); on this 10x10 input a training iteration was 4x slower in
+  advdef.layers.canonical_conv); on this 10x10 input a training iteration was 4x slower in
   the scan than alone (measured 54 vs 12 ms per update, batch 64, 2 shared cores). Patches
   of a 10x10 map are small (8x8 positions x 9 taps), and a matrix product (and both of its
   gradients) is fast anywhere.
