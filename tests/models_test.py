@@ -205,6 +205,20 @@ def test_one_channel_convolution_runs_on_the_space_to_depth_view_on_cpu():
   np.testing.assert_allclose(fn(lhs, rhs), want, rtol=1e-5, atol=1e-5)
 
 
+def test_space_to_depth_is_cpu_only_the_gpu_lowering_keeps_the_convolution():
+  # Exported for CUDA on this CPU-only machine: the platform_dependent branches resolve at
+  # lowering, so the GPU program holds no blocked kernel, the CPU one does.
+  lhs, rhs = jnp.zeros((4, 12, 12, 1)), jnp.zeros((5, 5, 1, 6))
+  loss = lambda l, r: jnp.sum(layers.canonical_conv(
+      l, r, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) ** 2)
+  fn = jax.jit(jax.grad(loss, (0, 1)))
+  blocked = 'tensor<3x3x4x24xf32>'  # the forward pass's 3x3 taps from 4 to 4 * 6 channels
+  gpu = jax.export.export(fn, platforms=['cuda'])(lhs, rhs).mlir_module()
+  cpu = jax.export.export(fn, platforms=['cpu'])(lhs, rhs).mlir_module()
+  assert blocked not in gpu and blocked in cpu
+  assert gpu.count('stablehlo.convolution') == 3  # forward, input and kernel gradients
+
+
 def test_input_gradient_convolutions_stay_canonical_inside_a_rolled_loop():
   # The cause of rolled attack loops running ~6x slower than their step on XLA:CPU: a
   # swapped-kernel ('01oi') convolution inside a while loop (see layers.canonical_conv).
