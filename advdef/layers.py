@@ -66,18 +66,28 @@ def canonical_conv(lhs, rhs, window_strides, padding, **kwargs):
                                         dn.out_spec)
   conv = lambda l, r, numbers: lax.conv_general_dilated(l, r, window_strides, padding,
                                                          dimension_numbers=numbers, **kwargs)
-  pads = _narrow_pads(lhs.shape, rhs.shape, dn, window_strides, padding, kwargs)
-  overlap_add_gradient = pads is not None and rhs.shape[in_axis] < NARROW_INPUT_CHANNELS
-  space_to_depth = pads is not None and rhs.shape[in_axis] == SPACE_TO_DEPTH_INPUT_CHANNELS
-  # The transposed convolution pads by kernel - 1 - pad, which must not be negative.
-  space_to_depth_gradient = (pads is not None and _space_to_depth_input_gradient(rhs.shape)
-                             and max(pads[0]) < rhs.shape[0] and max(pads[1]) < rhs.shape[1])
+  pads = _stride_one_pads(lhs.shape, rhs.shape, dn, window_strides, padding, kwargs)
+  # The CPU-only routes (None: the plain convolution everywhere), chosen at trace time.
+  cpu_forward = cpu_input_gradient = None
+  if pads is not None:
+    if rhs.shape[in_axis] == SPACE_TO_DEPTH_INPUT_CHANNELS:
+      cpu_forward = lambda l, r: _space_to_depth_conv(l, r, pads)
+    # The transposed convolution pads by kernel - 1 - pad, which must not be negative.
+    if (_space_to_depth_input_gradient(rhs.shape) and max(pads[0]) < rhs.shape[0]
+        and max(pads[1]) < rhs.shape[1]):
+      cpu_input_gradient = lambda g, r: _space_to_depth_transposed_conv(g, r, pads)
+    elif rhs.shape[in_axis] < NARROW_INPUT_CHANNELS:
+      cpu_input_gradient = lambda g, r: _overlap_add_input_gradient(g, r, lhs.shape, pads)
 
-  def forward_conv(l, r):
-    if not space_to_depth:
-      return conv(l, r, dn)
-    return lax.platform_dependent(l, r, cpu=lambda l, r: _space_to_depth_conv(l, r, pads),
-                                  default=lambda l, r: conv(l, r, dn))
+  def on_cpu(cpu, default, *args):
+    return default(*args) if cpu is None else lax.platform_dependent(*args, cpu=cpu,
+                                                                      default=default)
+
+  def input_gradient(g, r, l):
+    r_swapped = jnp.swapaxes(r, out_axis, in_axis)  # the kernel, O and I swapped in memory
+    return jax.vjp(lambda l: conv(l, r_swapped, dn_swapped), l)[1](g)[0]
+
+  forward_conv = lambda l, r: on_cpu(cpu_forward, lambda l, r: conv(l, r, dn), l, r)
 
   @jax.custom_vjp
   def convolve(l, r):
@@ -86,41 +96,24 @@ def canonical_conv(lhs, rhs, window_strides, padding, **kwargs):
   def forward(l, r):  # l, r: CustomVJPPrimal (symbolic_zeros), r.perturbed False in attacks
     return forward_conv(l.value, r.value), (l.value, r.value, l.perturbed, r.perturbed)
 
-  def input_gradient(g, r, l):
-    r_swapped = jnp.swapaxes(r, out_axis, in_axis)  # the kernel, O and I swapped in memory
-    return jax.vjp(lambda l: conv(l, r_swapped, dn_swapped), l)[1](g)[0]
-
   def backward(residuals, g):
     l, r, lhs_perturbed, rhs_perturbed = residuals
     if isinstance(g, jax.custom_derivatives.SymbolicZero):  # the output did not matter
       return None, None
     # Only the cotangents asked for: an attack's kernel is a constant, and the kernel
     # gradient (a grouped convolution) has no batching rule under a sharded vmap.
-    dl = dr = None
-    if lhs_perturbed:
-      if space_to_depth_gradient:
-        dl = lax.platform_dependent(
-            g, r, cpu=lambda g, r: _space_to_depth_transposed_conv(g, r, pads),
-            default=lambda g, r: input_gradient(g, r, l))
-      elif overlap_add_gradient:
-        dl = lax.platform_dependent(
-            g, r, cpu=lambda g, r: _overlap_add_input_gradient(g, r, l.shape, pads),
-            default=lambda g, r: input_gradient(g, r, l))
-      else:
-        dl = input_gradient(g, r, l)
-    if rhs_perturbed:
-      dr = jax.vjp(lambda r: conv(l, r, dn), r)[1](g)[0]
+    dl = (on_cpu(cpu_input_gradient, lambda g, r: input_gradient(g, r, l), g, r)
+          if lhs_perturbed else None)
+    dr = jax.vjp(lambda r: conv(l, r, dn), r)[1](g)[0] if rhs_perturbed else None
     return dl, dr
 
   convolve.defvjp(forward, backward, symbolic_zeros=True)
   return convolve(lhs, rhs)
 
 
-def _narrow_pads(lhs_shape, rhs_shape, dn, window_strides, padding, kwargs):
-  """((top, bottom), (left, right)) if the overlap-add input gradient applies, else None.
-
-  It needs NHWC input and output, an HWIO kernel, stride 1 and no dilation or groups.
-  """
+def _stride_one_pads(lhs_shape, rhs_shape, dn, window_strides, padding, kwargs):
+  """((top, bottom), (left, right)), nonnegative, for a convolution the CPU-only routes take
+  (NHWC input and output, an HWIO kernel, stride 1, no dilation or groups); else None."""
   nhwc, hwio = (0, 3, 1, 2), (3, 2, 0, 1)
   if (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) != (nhwc, hwio, nhwc):
     return None
