@@ -16,9 +16,13 @@ whose names parse as steps, so a save killed at any moment leaves either no
 `<step>` directory or a complete one; `latest_step`/`restore` never see a
 half-written checkpoint. Leftover temporary directories are deleted when the
 next Checkpointer opens the directory (`cleanup_tmp_directories=True`).
-Deleting old steps (keep-last-N) happens after the new step is committed,
-so a kill during deletion can only leave a partly deleted *older* step, never
-damage the latest one; it is removed again by the next save's cleanup.
+Deleting old steps (keep-last-N, or an unreadable step in `restore_latest`) is
+a rename too: orbax moves `<step>` into `deleted_steps/` (`todelete_subdir`),
+and the Checkpointer empties that folder when it opens and after each save.
+orbax's own deletion unlinks a step's files one by one, so a kill in the middle
+left a listed step without its metadata that failed to restore (seen once in
+CI's kill -9 test); now every listed step is complete, and a kill while
+emptying the trash leaves only files that nothing lists.
 
 Damage after the commit (a full disk, a copy or sync cut short, files truncated) is not
 prevented by any of this: `Checkpointer.restore_latest` and `restore_variables` then warn and
@@ -31,6 +35,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +45,8 @@ import orbax.checkpoint as ocp
 from advdef import files
 
 FINGERPRINT_FILE = 'fingerprint.json'
+# Steps to delete are renamed into this folder first (atomic), then removed from it.
+DELETED_STEPS_DIR = 'deleted_steps'
 
 
 class CheckpointsUnreadableError(ValueError):
@@ -201,11 +208,28 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
+        todelete_subdir=DELETED_STEPS_DIR,
         create=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._empty_deleted_steps()
     if jax.process_index() == 0 and _read_fingerprint(self.directory) is None:
       files.write_json_atomic(self.directory / FINGERPRINT_FILE, self.fingerprint)
+
+  def _empty_deleted_steps(self) -> None:
+    """Removes the steps orbax renamed into `deleted_steps/` (see the module docstring).
+
+    Only the children are removed, never the folder itself: an async save's finalizer
+    may be renaming the next old step into it at the same time.
+    """
+    trash = self.directory / DELETED_STEPS_DIR
+    if jax.process_index() != 0 or not trash.is_dir():
+      return
+    for child in trash.iterdir():
+      if child.is_dir() and not child.is_symlink():
+        shutil.rmtree(child, ignore_errors=True)
+      else:
+        child.unlink(missing_ok=True)
 
   def check_compatible(self) -> None:
     """Raises ValueError if the directory's stored fingerprint differs from ours.
@@ -266,6 +290,7 @@ class Checkpointer:
         '(if the model config changed since they were written, rerun with the old one)')
     for bad in unreadable:
       self._manager.delete(bad)
+    self._empty_deleted_steps()
     if unreadable:
       logging.warning('resuming from checkpoint step %d in %s; deleted the unreadable newer '
                       'checkpoints %s so that training writes them again', step, self.directory,
@@ -290,7 +315,9 @@ class Checkpointer:
     if step in self._manager.all_steps():
       # A forced final save often lands on a step the interval already saved.
       return False
-    return bool(self._manager.save(step, args=ocp.args.StandardSave(state), force=force))
+    saved = bool(self._manager.save(step, args=ocp.args.StandardSave(state), force=force))
+    self._empty_deleted_steps()
+    return saved
 
   def restore(self, step: int | None = None, *, target: Any) -> Any:
     """Restores checkpoint `step` (default: latest) into the structure of `target`.
@@ -324,12 +351,14 @@ class Checkpointer:
   def wait(self) -> None:
     """Blocks until any background save has been committed."""
     self._manager.wait_until_finished()
+    self._empty_deleted_steps()
 
   def close(self) -> None:
     """Waits for pending saves and releases orbax's resources; idempotent."""
     if self._manager is not None:
       self._manager.close()
       self._manager = None
+      self._empty_deleted_steps()
 
   def __enter__(self) -> Checkpointer:
     return self

@@ -92,9 +92,61 @@ def test_keep_last_n(tmp_path):
     for step in range(1, 6):
       assert ckpt.save(step, {'x': jnp.full((3,), step)})
     assert ckpt.all_steps() == [4, 5]
-  assert sorted(p.name for p in directory.iterdir() if p.is_dir()) == ['4', '5']
+  assert sorted(p.name for p in directory.iterdir() if p.is_dir()) == ['4', '5', 'deleted_steps']
+  assert not any((directory / 'deleted_steps').iterdir())
   with Checkpointer(directory, keep=2, fingerprint=FINGERPRINT) as ckpt:
     np.testing.assert_array_equal(ckpt.restore(4, target={'x': jnp.zeros((3,), jnp.int32)})['x'], 4)
+
+
+def _file_count(path):
+  return sum(len(names) for _, _, names in os.walk(path))
+
+
+def test_old_steps_leave_the_listing_in_one_rename(tmp_path, monkeypatch):
+  # orbax's own deletion unlinks a step's files one by one, so a kill in the middle left a
+  # listed step that failed to restore (CI, the kill -9 test). Emptying the trash switched
+  # off: step 1 must have left whole, every file moved into deleted_steps/1 at once.
+  directory = tmp_path / 'checkpoints'
+  monkeypatch.setattr(Checkpointer, '_empty_deleted_steps', lambda self: None)
+  with Checkpointer(directory, keep=2, fingerprint=FINGERPRINT) as ckpt:
+    ckpt.save(1, {'x': jnp.full((3,), 1)})
+    files_per_step = _file_count(directory / '1')
+    ckpt.save(2, {'x': jnp.full((3,), 2)})
+    ckpt.save(3, {'x': jnp.full((3,), 3)})
+    assert ckpt.all_steps() == [2, 3]
+  assert files_per_step >= 3
+  assert _file_count(directory / 'deleted_steps' / '1') == files_per_step
+  assert _file_count(directory / '2') == files_per_step
+  monkeypatch.undo()
+  with Checkpointer(directory, keep=2, fingerprint=FINGERPRINT) as ckpt:  # Opening empties it.
+    assert not any((directory / 'deleted_steps').iterdir())
+    assert ckpt.all_steps() == [2, 3]
+    np.testing.assert_array_equal(ckpt.restore(2, target={'x': jnp.zeros((3,), jnp.int32)})['x'], 2)
+
+
+def test_emptying_the_trash_cut_short_is_finished_by_the_next_checkpointer(tmp_path, monkeypatch):
+  directory = tmp_path / 'checkpoints'
+  real_rmtree = checkpointing.shutil.rmtree
+
+  def rmtree_killed_half_way(path, **kwargs):
+    del kwargs
+    for root, _, names in os.walk(path):
+      os.unlink(os.path.join(root, names[0]))
+      break
+    raise KeyboardInterrupt  # Stands in for the process dying after one file.
+
+  with pytest.raises(KeyboardInterrupt):
+    with Checkpointer(directory, keep=1, fingerprint=FINGERPRINT) as ckpt:
+      ckpt.save(1, {'x': jnp.full((3,), 1)})
+      monkeypatch.setattr(checkpointing.shutil, 'rmtree', rmtree_killed_half_way)
+      ckpt.save(2, {'x': jnp.full((3,), 2)})
+  monkeypatch.setattr(checkpointing.shutil, 'rmtree', real_rmtree)
+  damaged = directory / 'deleted_steps' / '1'
+  assert damaged.is_dir() and 0 < _file_count(damaged)  # The damaged copy is left over ...
+  assert sorted(p.name for p in directory.iterdir() if p.name.isdigit()) == ['2']  # ... unlisted.
+  with Checkpointer(directory, keep=1, fingerprint=FINGERPRINT) as ckpt:
+    assert not any((directory / 'deleted_steps').iterdir())
+    np.testing.assert_array_equal(ckpt.restore(target={'x': jnp.zeros((3,), jnp.int32)})['x'], 2)
 
 
 def test_save_interval_and_force(tmp_path):
