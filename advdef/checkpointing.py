@@ -18,7 +18,7 @@ half-written checkpoint. Leftover temporary directories are deleted when the
 next Checkpointer opens the directory (`cleanup_tmp_directories=True`).
 Deleting old steps (keep-last-N, or an unreadable step in `restore_latest`) is
 a rename too: orbax moves `<step>` into `deleted_steps/` (`todelete_subdir`),
-and the Checkpointer empties that folder when it opens and after each save.
+and the Checkpointer empties that folder when it opens, after each save and on close.
 orbax's own deletion unlinks a step's files one by one, so a kill in the middle
 left a listed step without its metadata that failed to restore (seen once in
 CI's kill -9 test); now every listed step is complete, and a kill while
@@ -225,11 +225,8 @@ class Checkpointer:
     trash = self.directory / DELETED_STEPS_DIR
     if jax.process_index() != 0 or not trash.is_dir():
       return
-    for child in trash.iterdir():
-      if child.is_dir() and not child.is_symlink():
-        shutil.rmtree(child, ignore_errors=True)
-      else:
-        child.unlink(missing_ok=True)
+    for step_dir in trash.iterdir():  # orbax puts only step folders here.
+      shutil.rmtree(step_dir, ignore_errors=True)
 
   def check_compatible(self) -> None:
     """Raises ValueError if the directory's stored fingerprint differs from ours.
@@ -290,8 +287,8 @@ class Checkpointer:
         '(if the model config changed since they were written, rerun with the old one)')
     for bad in unreadable:
       self._manager.delete(bad)
-    self._empty_deleted_steps()
     if unreadable:
+      self._empty_deleted_steps()
       logging.warning('resuming from checkpoint step %d in %s; deleted the unreadable newer '
                       'checkpoints %s so that training writes them again', step, self.directory,
                       unreadable)
@@ -316,7 +313,8 @@ class Checkpointer:
       # A forced final save often lands on a step the interval already saved.
       return False
     saved = bool(self._manager.save(step, args=ocp.args.StandardSave(state), force=force))
-    self._empty_deleted_steps()
+    if saved:  # With async_save, the steps this save drops are emptied by the next one or close.
+      self._empty_deleted_steps()
     return saved
 
   def restore(self, step: int | None = None, *, target: Any) -> Any:
@@ -351,7 +349,6 @@ class Checkpointer:
   def wait(self) -> None:
     """Blocks until any background save has been committed."""
     self._manager.wait_until_finished()
-    self._empty_deleted_steps()
 
   def close(self) -> None:
     """Waits for pending saves and releases orbax's resources; idempotent."""
